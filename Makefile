@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint typecheck unit test-vsock bench bench-quick soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vrpc demo $(if $(VSOCK),--vsock,)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vrpc services tests benchmarks
+	$(VENV)/bin/ruff format --check vrpc services tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict vrpc services
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not vsock" $(PYTEST_ARGS)
+
+# Real AF_VSOCK runs only inside a throwaway VM (scripts/vsock-lab): this machine's vsock is not ours.
+test-vsock: $(STAMP)
+	scripts/vsock-lab $(PY) -m pytest -q -m vsock -p no:cacheprovider tests/vsock
+
+test: lint typecheck unit test-vsock
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
+
+soak: $(STAMP)
+	$(PY) -m tests.soak --seconds $(or $(SECONDS),180)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
