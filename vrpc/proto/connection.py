@@ -1,0 +1,547 @@
+"""The sans-IO call multiplexer: many concurrent calls over one message stream.
+
+Theory of operation
+-------------------
+Bytes of the plaintext message stream go in through ``receive_data(data, now)``; events come out.
+Calls, stream items, cancels and control messages go out through methods that append encoded
+frames to an outbound buffer, which the shell drains with ``data_to_send()`` once per loop tick
+(so all frames produced in a tick leave in one write, and in one record when encrypted).
+Time is an input: the shell arms a timer at ``get_timer()`` and calls ``handle_timer(now)``.
+Nothing here imports asyncio, socket or time.
+
+Every message is a frame (``framing.py``) whose body is a MessagePack array; the first element is
+the message type (``MsgType``). docs/protocol.md lists every shape.
+
+Calls are identified by ``call_id``: the client numbers them 1, 2, 3, ... strictly increasing, so a
+replayed or reordered REQUEST is a protocol error and GOAWAY can name the last call it will serve.
+Messages for a call id that has finished are ignored: they cross a CANCEL or a deadline on the
+wire legitimately.
+
+Per-call state machine (both roles keep the same table; ``_CALL_TRANSITIONS``)::
+
+    OPEN --END(req stream)--> HALF_CLOSED --RESPONSE|ERROR--> (forgotten)
+    OPEN --RESPONSE|ERROR|CANCEL|deadline----------------->  (forgotten)
+
+Flow control is per stream and counted in encoded bytes. A sender starts with ``INITIAL_WINDOW``
+bytes of credit per stream direction and may send an item while its credit is positive; the
+receiver returns credit (CREDIT messages) as the application consumes items. The receiver's
+buffer for one stream is therefore bounded by the window plus one message, whatever the peer does;
+a peer that sends without credit breaks the protocol and loses the connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from typing import Any
+
+import msgspec
+
+from vrpc.exceptions import LocalProtocolError, RemoteProtocolError, RpcError
+from vrpc.proto.events import (
+    CallCancelled,
+    ConnectionTerminated,
+    CreditAvailable,
+    ErrorReceived,
+    Event,
+    GoAwayReceived,
+    HeadersReceived,
+    ItemReceived,
+    PongReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+)
+from vrpc.proto.framing import FrameDecoder
+from vrpc.status import Status
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "INITIAL_WINDOW",
+    "Connection",
+    "MsgType",
+    "Role",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024 + 1024
+INITIAL_WINDOW = 256 * 1024
+_FLAG_STREAM_REQUEST = 1
+_FLAG_STREAM_RESPONSE = 2
+
+
+class MsgType(enum.IntEnum):
+    REQUEST = 0  # [0, call_id, method, args, flags, timeout_ms|nil, metadata|nil]
+    RESPONSE = 1  # [1, call_id, result, trailers|nil]
+    ERROR = 2  # [2, call_id, status, message, details, trailers|nil]
+    CANCEL = 3  # [3, call_id]
+    ITEM = 4  # [4, call_id, item]
+    END = 5  # [5, call_id]                 client: no more request items
+    CREDIT = 6  # [6, call_id, bytes]
+    HEADERS = 7  # [7, call_id, metadata]
+    PING = 8  # [8, opaque]
+    PONG = 9  # [9, opaque]
+    GOAWAY = 10  # [10, last_call_id, reason]
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class _Call:
+    __slots__ = (
+        "done_sending",
+        "pending_grant",
+        "recv_credit",
+        "send_credit",
+        "stream_request",
+        "stream_response",
+    )
+
+    def __init__(self, stream_request: bool, stream_response: bool) -> None:
+        self.stream_request = stream_request
+        self.stream_response = stream_response
+        self.send_credit = INITIAL_WINDOW
+        self.recv_credit = INITIAL_WINDOW
+        self.pending_grant = 0
+        self.done_sending = False
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+_MSG_LENGTHS = {0: 7, 1: 4, 2: 6, 3: 2, 4: 3, 5: 2, 6: 3, 7: 3, 8: 2, 9: 2, 10: 3}
+
+
+def _bad(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message)
+
+
+def _metadata(value: Any, what: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _bad(f"{what} must be a map with string keys")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise _bad(f"{what} must be a non-negative integer, got {type(value).__name__}")
+    return value
+
+
+class Connection:
+    """One side of a vrpc connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_send_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_receive_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_concurrent_calls: int = 1024,
+        keepalive_interval: float | None = None,
+        keepalive_timeout: float = 20.0,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.role = role
+        self._client = role is Role.CLIENT
+        self.max_send_message_size = max_send_message_size
+        self.max_concurrent_calls = max_concurrent_calls
+        self._frames = FrameDecoder(max_receive_message_size)
+        self._out = bytearray()
+        self._calls: dict[int, _Call] = {}
+        self._last_call_id = 0
+        self._deadlines: list[tuple[float, int]] = []
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._idle_timeout = idle_timeout
+        self._last_activity: float | None = None
+        self._ping_sent_at: float | None = None
+        self._ping_id = 0
+        self.goaway_sent: int | None = None
+        self.goaway_received: int | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    def is_active(self, call_id: int) -> bool:
+        return call_id in self._calls
+
+    def data_to_send(self) -> bytearray | None:
+        """The encoded frames produced since the last call, or None.
+
+        A fresh buffer is handed over each time: since Python 3.12 the transport may keep a
+        reference to unsent data, so a buffer that was written must never be mutated again.
+        """
+        if not self._out:
+            return None
+        out, self._out = self._out, bytearray()
+        return out
+
+    # ------------------------------------------------------------------ encode
+
+    def _emit(self, message: tuple[Any, ...]) -> int:
+        out = self._out
+        start = len(out)
+        out += b"\x00\x00\x00\x00"
+        _encoder.encode_into(message, out, start + 4)
+        size = len(out) - start - 4
+        if size > self.max_send_message_size:
+            del out[start:]
+            raise RpcError(
+                Status.RESOURCE_EXHAUSTED,
+                f"message of {size} bytes exceeds the maximum of {self.max_send_message_size}",
+            )
+        out[start : start + 4] = size.to_bytes(4, "big")
+        return size
+
+    # ------------------------------------------------------------------ client API
+
+    def start_call(
+        self,
+        method: str,
+        args: list[Any] | tuple[Any, ...],
+        *,
+        now: float,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        stream_request: bool = False,
+        stream_response: bool = False,
+    ) -> int:
+        """Client: send a REQUEST; returns the call id."""
+        if not self._client:
+            raise LocalProtocolError("only a client starts calls")
+        if self.goaway_received is not None:
+            raise RpcError(Status.UNAVAILABLE, "the server is draining this connection")
+        if self.closed:
+            raise RpcError(Status.UNAVAILABLE, "the connection is closed")
+        call_id = self._last_call_id + 1
+        flags = (_FLAG_STREAM_REQUEST if stream_request else 0) | (
+            _FLAG_STREAM_RESPONSE if stream_response else 0
+        )
+        timeout_ms = None
+        if timeout is not None:
+            timeout_ms = max(0, int(timeout * 1000))
+        self._emit((0, call_id, method, args, flags, timeout_ms, metadata))
+        self._last_call_id = call_id
+        self._calls[call_id] = _Call(stream_request, stream_response)
+        if timeout is not None:
+            heapq.heappush(self._deadlines, (now + timeout, call_id))
+        return call_id
+
+    def end_request(self, call_id: int) -> None:
+        """Client: no more request items on this call."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        if not call.stream_request or call.done_sending:
+            raise LocalProtocolError("end_request on a call without an open request stream")
+        call.done_sending = True
+        self._emit((5, call_id))
+
+    def cancel(self, call_id: int) -> None:
+        """Client: abandon a call; the server cancels its handler."""
+        if self._calls.pop(call_id, None) is not None:
+            self._emit((3, call_id))
+
+    # ------------------------------------------------------------------ server API
+
+    def send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
+        if call_id in self._calls:
+            self._emit((7, call_id, metadata))
+
+    def send_response(
+        self, call_id: int, result: Any, trailers: dict[str, Any] | None = None
+    ) -> None:
+        """Server: finish a call with OK. A result too large becomes RESOURCE_EXHAUSTED."""
+        if self._calls.pop(call_id, None) is None:
+            return
+        try:
+            self._emit((1, call_id, result, trailers))
+        except RpcError as exc:
+            self._emit((2, call_id, int(exc.status), exc.message, None, trailers))
+
+    def send_error(
+        self,
+        call_id: int,
+        status: Status,
+        message: str,
+        details: Any = None,
+        trailers: dict[str, Any] | None = None,
+    ) -> None:
+        if self._calls.pop(call_id, None) is None:
+            return
+        try:
+            self._emit((2, call_id, int(status), message, details, trailers))
+        except (RpcError, TypeError):
+            # Unencodable or oversize details must not lose the status itself.
+            self._emit((2, call_id, int(status), message, None, None))
+
+    def goaway(self, reason: str = "") -> None:
+        """Server: serve the calls already received, refuse newer ones."""
+        if self.goaway_sent is None:
+            self.goaway_sent = self._last_call_id
+            self._emit((10, self._last_call_id, reason))
+
+    # ------------------------------------------------------------------ both
+
+    def can_send(self, call_id: int) -> bool:
+        call = self._calls.get(call_id)
+        return call is not None and call.send_credit > 0
+
+    def send_item(self, call_id: int, item: Any) -> bool:
+        """Send a stream item. Returns False when the call is gone (cancelled, finished).
+
+        The caller must check ``can_send`` first (and wait for ``CreditAvailable``).
+        """
+        call = self._calls.get(call_id)
+        if call is None:
+            return False
+        if self._client:
+            ok = call.stream_request and not call.done_sending
+        else:
+            ok = call.stream_response
+        if not ok:
+            raise LocalProtocolError("this call has no open stream in this direction")
+        if call.send_credit <= 0:
+            raise LocalProtocolError("stream item sent without flow-control credit")
+        call.send_credit -= self._emit((4, call_id, item))
+        return True
+
+    def consumed(self, call_id: int, size: int) -> None:
+        """The application took an item of ``size`` bytes: return the credit when worth it."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        call.pending_grant += size
+        if call.pending_grant >= INITIAL_WINDOW // 2:
+            grant, call.pending_grant = call.pending_grant, 0
+            call.recv_credit += grant
+            self._emit((6, call_id, grant))
+
+    def ping(self, now: float) -> None:
+        self._ping_id += 1
+        self._ping_sent_at = now
+        self._emit((8, self._ping_id))
+
+    # ------------------------------------------------------------------ receive
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """Feed received plaintext bytes; returns the events they complete.
+
+        Raises RemoteProtocolError (the connection must then be closed) on any violation.
+        """
+        self._last_activity = now
+        events: list[Event] = []
+        handle = self._handle
+        for body in self._frames.feed(data):
+            try:
+                msg = _decoder.decode(body)
+            except msgspec.DecodeError as exc:
+                raise _bad(f"undecodable message: {exc}") from None
+            if type(msg) is not list or not msg or type(msg[0]) is not int:
+                raise _bad("a message must be a non-empty array starting with its type")
+            if _MSG_LENGTHS.get(msg[0]) != len(msg):
+                raise _bad(f"message type {msg[0]!r} with {len(msg)} fields is not defined")
+            handle(msg, len(body), now, events)
+        self._ping_sent_at = None  # any traffic proves the peer alive
+        return events
+
+    def _handle(self, msg: list[Any], size: int, now: float, events: list[Event]) -> None:
+        kind = msg[0]
+        if kind == 0:
+            self._on_request(msg, now, events)
+        elif kind == 1 or kind == 2:
+            self._on_result(msg, events)
+        elif kind == 4:
+            self._on_item(msg, size, events)
+        elif kind == 3:
+            if self._client:
+                raise _bad("a server does not send CANCEL")
+            call_id = _int(msg[1], "call id")
+            if self._calls.pop(call_id, None) is not None:
+                events.append(CallCancelled(call_id, Status.CANCELLED))
+        elif kind == 5:
+            if self._client:
+                raise _bad("a server does not send END")
+            call_id = _int(msg[1], "call id")
+            call = self._calls.get(call_id)
+            if call is not None:
+                if not call.stream_request or call.done_sending:
+                    raise _bad("END on a call without an open request stream")
+                call.done_sending = True
+                events.append(StreamEnded(call_id))
+        elif kind == 6:
+            call_id = _int(msg[1], "call id")
+            grant = _int(msg[2], "credit")
+            call = self._calls.get(call_id)
+            if call is not None:
+                was_blocked = call.send_credit <= 0
+                call.send_credit += grant
+                if was_blocked and call.send_credit > 0:
+                    events.append(CreditAvailable(call_id))
+        elif kind == 7:
+            if not self._client:
+                raise _bad("a client does not send HEADERS")
+            call_id = _int(msg[1], "call id")
+            md = _metadata(msg[2], "headers")
+            if call_id in self._calls:
+                events.append(HeadersReceived(call_id, md or {}))
+        elif kind == 8:
+            self._emit((9, msg[1]))
+        elif kind == 9:
+            if self._ping_sent_at is not None:
+                events.append(PongReceived(now - self._ping_sent_at))
+        elif kind == 10:
+            if not self._client:
+                raise _bad("a client does not send GOAWAY")
+            last = _int(msg[1], "last call id")
+            reason = msg[2] if isinstance(msg[2], str) else ""
+            self.goaway_received = last
+            events.append(GoAwayReceived(last, reason))
+            for call_id in [c for c in self._calls if c > last]:
+                del self._calls[call_id]
+                events.append(
+                    ErrorReceived(call_id, Status.UNAVAILABLE, "server draining; not processed")
+                )
+
+    def _on_request(self, msg: list[Any], now: float, events: list[Event]) -> None:
+        if self._client:
+            raise _bad("a server does not send REQUEST")
+        _, call_id, method, args, flags, timeout_ms, metadata = msg
+        call_id = _int(call_id, "call id")
+        if call_id <= self._last_call_id:
+            raise _bad(f"call id {call_id} is not above the last one ({self._last_call_id})")
+        if type(method) is not str or type(args) is not list or type(flags) is not int:
+            raise _bad("REQUEST fields have the wrong types")
+        if timeout_ms is not None:
+            _int(timeout_ms, "timeout")
+        md = _metadata(metadata, "metadata")
+        self._last_call_id = call_id
+        if self.goaway_sent is not None:
+            self._emit((2, call_id, int(Status.UNAVAILABLE), "server is draining", None, None))
+            return
+        if len(self._calls) >= self.max_concurrent_calls:
+            self._emit(
+                (
+                    2,
+                    call_id,
+                    int(Status.RESOURCE_EXHAUSTED),
+                    f"more than {self.max_concurrent_calls} calls in flight on this connection",
+                    None,
+                    None,
+                )
+            )
+            return
+        stream_request = bool(flags & _FLAG_STREAM_REQUEST)
+        self._calls[call_id] = _Call(stream_request, bool(flags & _FLAG_STREAM_RESPONSE))
+        timeout = None
+        if timeout_ms is not None:
+            timeout = timeout_ms / 1000
+            heapq.heappush(self._deadlines, (now + timeout, call_id))
+        events.append(RequestReceived(call_id, method, args, md, timeout, stream_request))
+
+    def _on_result(self, msg: list[Any], events: list[Event]) -> None:
+        if not self._client:
+            raise _bad("a client does not send RESPONSE or ERROR")
+        call_id = _int(msg[1], "call id")
+        if self._calls.pop(call_id, None) is None:
+            return
+        if msg[0] == 1:
+            events.append(ResponseReceived(call_id, msg[2], _metadata(msg[3], "trailers")))
+            return
+        _, _, status, message, details, trailers = msg
+        events.append(
+            ErrorReceived(
+                call_id,
+                Status.from_wire(status),
+                message if isinstance(message, str) else "",
+                details,
+                _metadata(trailers, "trailers"),
+            )
+        )
+
+    def _on_item(self, msg: list[Any], size: int, events: list[Event]) -> None:
+        call_id = _int(msg[1], "call id")
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        if self._client:
+            ok = call.stream_response
+        else:
+            ok = call.stream_request and not call.done_sending
+        if not ok:
+            raise _bad("stream item on a call without an open stream in that direction")
+        if call.recv_credit <= 0:
+            raise _bad("stream item sent without flow-control credit")
+        call.recv_credit -= size
+        events.append(ItemReceived(call_id, msg[2], size))
+
+    # ------------------------------------------------------------------ time
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called, or None."""
+        candidates: list[float] = []
+        if self._deadlines:
+            candidates.append(self._deadlines[0][0])
+        if self._last_activity is not None:
+            if self._ping_sent_at is not None:
+                candidates.append(self._ping_sent_at + self._keepalive_timeout)
+            elif self._keepalive_interval is not None:
+                candidates.append(self._last_activity + self._keepalive_interval)
+            if self._idle_timeout is not None and not self._calls:
+                candidates.append(self._last_activity + self._idle_timeout)
+        return min(candidates) if candidates else None
+
+    def start_clock(self, now: float) -> None:
+        """Start keepalive and idle timing (the shell calls it when the connection opens)."""
+        if self._last_activity is None:
+            self._last_activity = now
+
+    def handle_timer(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, call_id = heapq.heappop(deadlines)
+            if self._calls.pop(call_id, None) is None:
+                continue
+            if self._client:
+                self._emit((3, call_id))
+                events.append(ErrorReceived(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded"))
+            else:
+                self._emit((2, call_id, int(Status.DEADLINE_EXCEEDED), "deadline exceeded", None, None))
+                events.append(CallCancelled(call_id, Status.DEADLINE_EXCEEDED))
+        if self._last_activity is None or self.closed:
+            return events
+        if self._ping_sent_at is not None:
+            if now >= self._ping_sent_at + self._keepalive_timeout:
+                self.closed = True
+                events.append(ConnectionTerminated(Status.UNAVAILABLE, "keepalive timeout"))
+                return events
+        elif (
+            self._keepalive_interval is not None
+            and now >= self._last_activity + self._keepalive_interval
+        ):
+            self.ping(now)
+        if (
+            self._idle_timeout is not None
+            and not self._calls
+            and now >= self._last_activity + self._idle_timeout
+        ):
+            self.closed = True
+            events.append(ConnectionTerminated(Status.UNAVAILABLE, "idle timeout"))
+        return events
+
+    def fail_all(self, status: Status, message: str) -> list[Event]:
+        """The transport is gone: every call in flight ends (client: errors; server: cancels)."""
+        self.closed = True
+        calls, self._calls = self._calls, {}
+        self._deadlines.clear()
+        if self._client:
+            return [ErrorReceived(c, status, message) for c in calls]
+        return [CallCancelled(c, status) for c in calls]

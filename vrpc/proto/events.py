@@ -1,0 +1,169 @@
+"""Events the sans-IO connection hands to its shell.
+
+Plain classes with ``__slots__`` rather than dataclasses: one is built per call on the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vrpc.status import Status
+
+__all__ = [
+    "CallCancelled",
+    "ConnectionTerminated",
+    "CreditAvailable",
+    "ErrorReceived",
+    "Event",
+    "GoAwayReceived",
+    "HeadersReceived",
+    "ItemReceived",
+    "PongReceived",
+    "RequestReceived",
+    "ResponseReceived",
+    "StreamEnded",
+]
+
+
+class Event:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class RequestReceived(Event):
+    """Server side: a new call. ``timeout`` is the caller's remaining time in seconds."""
+
+    __slots__ = ("args", "call_id", "metadata", "method", "stream_request", "timeout")
+
+    def __init__(
+        self,
+        call_id: int,
+        method: str,
+        args: list[Any],
+        metadata: dict[str, Any] | None,
+        timeout: float | None,
+        stream_request: bool,
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.args = args
+        self.metadata = metadata
+        self.timeout = timeout
+        self.stream_request = stream_request
+
+
+class ResponseReceived(Event):
+    """Client side: the call finished with OK (for a stream, after its items)."""
+
+    __slots__ = ("call_id", "result", "trailers")
+
+    def __init__(self, call_id: int, result: Any, trailers: dict[str, Any] | None) -> None:
+        self.call_id = call_id
+        self.result = result
+        self.trailers = trailers
+
+
+class ErrorReceived(Event):
+    """Client side: the call finished with a non-OK status (from the peer or a local deadline)."""
+
+    __slots__ = ("call_id", "details", "message", "status", "trailers")
+
+    def __init__(
+        self,
+        call_id: int,
+        status: Status,
+        message: str,
+        details: Any = None,
+        trailers: dict[str, Any] | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.status = status
+        self.message = message
+        self.details = details
+        self.trailers = trailers
+
+
+class ItemReceived(Event):
+    """A stream item. ``size`` is its encoded size, to be handed back via ``consumed``."""
+
+    __slots__ = ("call_id", "item", "size")
+
+    def __init__(self, call_id: int, item: Any, size: int) -> None:
+        self.call_id = call_id
+        self.item = item
+        self.size = size
+
+
+class StreamEnded(Event):
+    """Server side: the client finished sending its request stream."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
+class HeadersReceived(Event):
+    """Client side: the handler sent its initial metadata."""
+
+    __slots__ = ("call_id", "metadata")
+
+    def __init__(self, call_id: int, metadata: dict[str, Any]) -> None:
+        self.call_id = call_id
+        self.metadata = metadata
+
+
+class CallCancelled(Event):
+    """Server side: stop the handler (the client cancelled, or the deadline passed)."""
+
+    __slots__ = ("call_id", "status")
+
+    def __init__(self, call_id: int, status: Status) -> None:
+        self.call_id = call_id
+        self.status = status
+
+
+class CreditAvailable(Event):
+    """The peer granted flow-control credit: a blocked stream sender may continue."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+
+
+class GoAwayReceived(Event):
+    """Client side: the server is draining; calls above ``last_call_id`` were not processed."""
+
+    __slots__ = ("last_call_id", "reason")
+
+    def __init__(self, last_call_id: int, reason: str) -> None:
+        self.last_call_id = last_call_id
+        self.reason = reason
+
+
+class PongReceived(Event):
+    __slots__ = ("rtt",)
+
+    def __init__(self, rtt: float) -> None:
+        self.rtt = rtt
+
+
+class ConnectionTerminated(Event):
+    """The connection must be closed (keepalive timeout, idle timeout)."""
+
+    __slots__ = ("reason", "status")
+
+    def __init__(self, status: Status, reason: str) -> None:
+        self.status = status
+        self.reason = reason

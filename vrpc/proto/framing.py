@@ -1,0 +1,63 @@
+"""Length-prefixed frames: ``length(4, big-endian) || body``.
+
+This is the framing of the message stream (the plaintext inside the session layer). The length
+prefix is checked against ``max_frame_size`` *before* anything is buffered beyond the bytes
+already received, so a hostile prefix of 4 GiB costs nothing.
+"""
+
+from __future__ import annotations
+
+from vrpc.exceptions import FrameTooLarge
+
+__all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame"]
+
+HEADER_SIZE = 4
+_MAX_PREFIX = 0xFFFFFFFF
+
+
+def encode_frame(body: bytes) -> bytes:
+    """One frame as bytes (prefix and body in one buffer)."""
+    if len(body) > _MAX_PREFIX:
+        raise ValueError("frame body longer than 2**32 - 1 bytes")
+    return len(body).to_bytes(4, "big") + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies.
+
+    ``feed`` returns the complete frame bodies found so far; a partial frame stays buffered.
+    The buffered amount never exceeds ``max_frame_size + HEADER_SIZE`` plus what one ``feed``
+    call delivered, because an over-long prefix raises as soon as its four bytes are seen.
+    """
+
+    __slots__ = ("_buf", "max_frame_size")
+
+    def __init__(self, max_frame_size: int) -> None:
+        if max_frame_size <= 0:
+            raise ValueError("max_frame_size must be positive")
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        limit = self.max_frame_size
+        while end - pos >= HEADER_SIZE:
+            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            if size > limit:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the maximum of {limit} bytes")
+            stop = pos + HEADER_SIZE + size
+            if stop > end:
+                break
+            frames.append(bytes(buf[pos + HEADER_SIZE : stop]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return frames
