@@ -1,0 +1,208 @@
+"""``vrpc attest``: verify, inspect and build policies for Nitro attestation documents.
+
+``add_attest_parser(subparsers)`` adds the ``attest`` command to the ``vrpc`` CLI; each
+subcommand sets ``func(args) -> int`` (the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from vrpc.attestation import AWS_NITRO_ROOT, Claims, Policy, TrustRoot, Verifier
+from vrpc.attestation._document import _parse_envelope, _parse_payload
+from vrpc.exceptions import AttestationError, LocalProtocolError
+
+__all__ = ["add_attest_parser", "main"]
+
+
+def _fail(args: argparse.Namespace, reason: str, exc: BaseException | None = None) -> int:
+    kind = type(exc).__name__ if exc is not None else "Error"
+    if getattr(args, "json", False):
+        print(json.dumps({"valid": False, "error": kind, "reason": reason}))
+    else:
+        print(f"INVALID: {kind}: {reason}", file=sys.stderr)
+    return 1
+
+
+def _read_document(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _parse_unverified(document: bytes) -> Claims:
+    """Structure and payload only: for inspection and for --at-document-time."""
+    _, payload, _ = _parse_envelope(document)
+    return _parse_payload(payload)
+
+
+def _parse_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    # A time without an offset is taken as UTC: attestation times are UTC throughout.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _parse_pin(text: str) -> tuple[int, str]:
+    index, sep, value = text.partition("=")
+    if not sep or not index.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected N=HEX, got {text!r}")
+    return int(index), value.strip()
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _summary(claims: Claims) -> dict[str, Any]:
+    return {
+        "module_id": claims.module_id,
+        "digest": claims.digest,
+        "timestamp": _iso(claims.timestamp),
+        "timestamp_ms": claims.timestamp_ms,
+        "debug": claims.debug,
+        "pcrs": {str(i): v.hex() for i, v in claims.pcrs.items()},
+        "public_key": None if claims.public_key is None else claims.public_key.hex(),
+        "user_data": None if claims.user_data is None else claims.user_data.hex(),
+        "nonce": None if claims.nonce is None else claims.nonce.hex(),
+    }
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        document = _read_document(args.file)
+    except OSError as exc:
+        return _fail(args, f"cannot read {args.file}: {exc.strerror or exc}", exc)
+    try:
+        root = AWS_NITRO_ROOT
+        if args.root is not None:
+            root = TrustRoot.insecure_test(Path(args.root).read_bytes())
+        if args.at_document_time:
+            now = _parse_unverified(document).timestamp
+        elif args.at is not None:
+            now = _parse_time(args.at)
+        else:
+            now = datetime.now(UTC)
+        policy = Policy.pinned(dict(args.pcr), allow_debug=args.allow_debug, max_age=args.max_age)
+        claims = Verifier(policy, root).verify(document, now=now)
+    except (AttestationError, LocalProtocolError) as exc:
+        return _fail(args, str(exc), exc)
+    except (OSError, ValueError) as exc:
+        return _fail(args, str(exc), exc)
+    if args.json:
+        print(json.dumps({"valid": True, "verified_at": _iso(now), **_summary(claims)}, indent=2))
+        return 0
+    pinned = ", ".join(f"PCR{i}" for i in policy.pcrs) or "none (any image passes)"
+    print(f"VALID at {_iso(now)} (root sha256 {root.fingerprint[:16]}…)")
+    if root.insecure:
+        print("WARNING: INSECURE test root: this document proves nothing about an enclave")
+    print(f"  module_id   {claims.module_id}")
+    print(f"  timestamp   {_iso(claims.timestamp)}")
+    print(f"  debug mode  {'yes (PCR0 all zero)' if claims.debug else 'no'}")
+    print(f"  pinned      {pinned}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        claims = _parse_unverified(_read_document(args.file))
+    except OSError as exc:
+        return _fail(args, f"cannot read {args.file}: {exc.strerror or exc}", exc)
+    except AttestationError as exc:
+        return _fail(args, str(exc), exc)
+    print("NOT VERIFIED (inspection only; use `vrpc attest verify`)")
+    print(f"module_id    {claims.module_id}")
+    print(f"digest       {claims.digest}")
+    print(f"timestamp    {_iso(claims.timestamp)} ({claims.timestamp_ms} ms)")
+    print(f"debug mode   {'yes (PCR0 all zero)' if claims.debug else 'no'}")
+    for index, value in claims.pcrs.items():
+        print(f"PCR{index:<2}        {value.hex()}")
+    for name in ("public_key", "user_data", "nonce"):
+        value = getattr(claims, name)
+        shown = "null" if value is None else f"{len(value)} bytes {value[:32].hex()}"
+        print(f"{name:<12} {shown}{'…' if value is not None and len(value) > 32 else ''}")
+    chain = [("leaf", claims.certificate)] + [
+        (f"cabundle[{i}]", der) for i, der in enumerate(claims.cabundle)
+    ]
+    for label, der in chain:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            print(f"{label:<12} (not a DER certificate)")
+            continue
+        print(
+            f"{label:<12} {cert.subject.rfc4514_string()} "
+            f"[{_iso(cert.not_valid_before_utc)} .. {_iso(cert.not_valid_after_utc)}]"
+        )
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    try:
+        policy = Policy.from_measurements(args.measurements)
+        if args.max_age is not None or args.module_id_prefix is not None:
+            policy = Policy(
+                pcrs=policy.pcrs,
+                max_age=policy.max_age if args.max_age is None else args.max_age,
+                module_id_prefix=args.module_id_prefix,
+            )
+    except (AttestationError, LocalProtocolError) as exc:
+        return _fail(args, str(exc), exc)
+    print(policy.dump())
+    return 0
+
+
+def add_attest_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``attest verify|inspect|policy`` to the ``vrpc`` command line."""
+    attest = subparsers.add_parser("attest", help="verify and inspect Nitro attestation documents")
+    commands = attest.add_subparsers(dest="attest_command", required=True, metavar="COMMAND")
+
+    verify = commands.add_parser("verify", help="verify a document (exit 0 valid, 1 not)")
+    verify.add_argument("file", help="attestation document (raw COSE_Sign1 bytes)")
+    when = verify.add_mutually_exclusive_group()
+    when.add_argument("--at", metavar="ISO8601", help="verify at this time (default: now)")
+    when.add_argument(
+        "--at-document-time",
+        action="store_true",
+        help="verify at the document's own timestamp (for recorded documents)",
+    )
+    verify.add_argument(
+        "--root",
+        metavar="PEM",
+        help="INSECURE test root to trust instead of AWS (needs VRPC_INSECURE_TEST_ATTESTATION=1)",
+    )
+    verify.add_argument(
+        "--pcr", metavar="N=HEX", type=_parse_pin, action="append", default=[], help="pin a PCR"
+    )
+    verify.add_argument("--allow-debug", action="store_true", help="accept debug-mode enclaves")
+    verify.add_argument(
+        "--max-age", type=float, default=300.0, metavar="SECONDS", help="freshness window"
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=cmd_verify)
+
+    inspect = commands.add_parser("inspect", help="print a document's fields (no verification)")
+    inspect.add_argument("file")
+    inspect.set_defaults(func=cmd_inspect)
+
+    policy = commands.add_parser(
+        "policy", help="policy JSON from `nitro-cli describe-eif` / build-enclave output"
+    )
+    policy.add_argument("measurements", help="JSON file with a 'Measurements' object")
+    policy.add_argument("--max-age", type=float, default=None, metavar="SECONDS")
+    policy.add_argument("--module-id-prefix", default=None)
+    policy.set_defaults(func=cmd_policy)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``attest`` on its own: ``python -m vrpc.attestation verify FILE ...``."""
+    parser = argparse.ArgumentParser(prog="vrpc")
+    add_attest_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attest", *(sys.argv[1:] if argv is None else argv)])
+    result: int = args.func(args)
+    return result
