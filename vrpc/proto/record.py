@@ -1,0 +1,406 @@
+"""The vrpc/1 record layer (sans-IO): AES-256-GCM records with implicit sequence numbers.
+
+Theory of operation
+-------------------
+After the handshake every byte on the wire is a record::
+
+    type(1) || length(4, big-endian) || AES-256-GCM(key, nonce, plaintext, aad=type||length)
+
+``length`` counts the ciphertext including the 16-byte tag. ``nonce = iv XOR seq`` (``seq`` as a
+96-bit big-endian integer, RFC 8446 §5.3). ``seq`` is never sent: it starts at 0 for every key and
+each side counts records per direction, so a replayed, reordered, dropped or injected record fails
+authentication and ends the session. Record types:
+
+=========== ====== ===============================================================
+DATA        0x17   a piece of the plaintext stream (0 .. max_record_plaintext bytes)
+KEY_UPDATE  0x18   empty plaintext; the sender's *next* record uses the next key
+CLOSE       0x15   empty plaintext; the sender sends nothing more (authenticated
+                   end of stream, so truncation is detectable)
+=========== ====== ===============================================================
+
+The header is the AEAD's associated data, so the type and length are authenticated too.
+
+The sender rotates its key (KEY_UPDATE then ``x_ap' = ExpandLabel(x_ap, "traffic upd")``) after
+``key_update_records`` records or ``key_update_bytes`` plaintext bytes under one key, or when the
+shell calls ``request_key_update()``. The receiver refuses more than 2**24 records under one key
+(the AES-GCM usage bound of RFC 8446 §5.5, rounded down).
+
+Every failure is final: the keys are dropped and every later call raises. ``eof_received()`` is the
+shell's way to report the transport's end of stream: without a CLOSE record first it raises
+``RemoteProtocolError`` (truncation), distinct from a clean close.
+
+The plaintext carried by DATA records is an opaque byte stream; message boundaries are not
+record boundaries (a message may span records and a record may hold many messages).
+
+``PlaintextSession`` is the identity session used by the explicitly opted-in plaintext mode: bytes
+pass through unchanged and there are no records at all.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from vrpc.exceptions import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from vrpc.proto.keyschedule import traffic_key_iv, update_secret
+
+__all__ = [
+    "DEFAULT_MAX_RECORD_PLAINTEXT",
+    "KEY_UPDATE_BYTES",
+    "KEY_UPDATE_RECORDS",
+    "MAX_RECORD_PLAINTEXT_LIMIT",
+    "RECEIVE_RECORDS_PER_KEY",
+    "REC_CLOSE",
+    "REC_DATA",
+    "REC_KEY_UPDATE",
+    "TAG_LEN",
+    "PlaintextSession",
+    "RecordSession",
+    "Session",
+]
+
+REC_CLOSE = 0x15
+REC_DATA = 0x17
+REC_KEY_UPDATE = 0x18
+HEADER_LEN = 5
+TAG_LEN = 16
+DEFAULT_MAX_RECORD_PLAINTEXT = 65536
+MAX_RECORD_PLAINTEXT_LIMIT = 1 << 20
+KEY_UPDATE_RECORDS = 1 << 20
+KEY_UPDATE_BYTES = 1 << 34
+RECEIVE_RECORDS_PER_KEY = 1 << 24
+# Below this size a record is returned as one bytes object (header + ciphertext); above it the
+# header and the ciphertext are separate list items so a large ciphertext is never copied again
+# (the shell writes the list with writelines).
+_JOIN_BELOW = 16384
+
+_hdr = struct.Struct(">BI")
+_pack_hdr = _hdr.pack
+_unpack_hdr = _hdr.unpack_from
+
+
+class Session(Protocol):
+    """What the connection shell needs from a session, encrypted or not."""
+
+    peer_closed: bool
+    encrypted: bool
+    created_at: float | None
+
+    def receive(self, data: bytes) -> bytes:
+        """Wire bytes in, plaintext stream bytes out (possibly ``b""``)."""
+        ...
+
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
+        """Plaintext stream bytes in; the wire bytes to send, in order (for writelines)."""
+        ...
+
+    def close(self) -> bytes:
+        """The authenticated end-of-stream record; nothing may be sealed afterwards."""
+        ...
+
+    def request_key_update(self) -> None:
+        """Rotate the sending key at the next ``seal`` (``seal(b"")`` sends just the update)."""
+        ...
+
+    def eof_received(self) -> None:
+        """The transport reached end of stream; raises if that truncated the session."""
+        ...
+
+
+class PlaintextSession:
+    """The identity session of plaintext mode: no records, no protection, no truncation check."""
+
+    __slots__ = ("created_at", "peer_closed")
+
+    encrypted = False
+
+    def __init__(self, created_at: float | None = None) -> None:
+        self.created_at = created_at
+        self.peer_closed = False
+
+    def receive(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
+        # bytes(b) of a bytes object is the same object: no copy in the common case, and a
+        # caller's bytearray is copied so we never keep a buffer the caller may mutate.
+        return [bytes(plaintext)] if len(plaintext) else []
+
+    def close(self) -> bytes:
+        return b""
+
+    def request_key_update(self) -> None:
+        return None
+
+    def eof_received(self) -> None:
+        # Plaintext mode has no authenticated close: end of stream is all there is.
+        self.peer_closed = True
+
+
+class RecordSession:
+    """An encrypted, authenticated session (one per connection, made by the handshake).
+
+    ``send_secret``/``recv_secret`` are the 48-byte application traffic secrets of each
+    direction. ``max_send_plaintext`` is the largest record the peer accepts (announced in the
+    handshake), ``max_recv_plaintext`` the largest this side accepts.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_failed",
+        "_ku_bytes",
+        "_ku_records",
+        "_local_closed",
+        "_max_recv_ct",
+        "_max_send",
+        "_recv_aead",
+        "_recv_iv",
+        "_recv_secret",
+        "_recv_seq",
+        "_send_aead",
+        "_send_bytes",
+        "_send_iv",
+        "_send_secret",
+        "_send_seq",
+        "_update_requested",
+        "channel_binding",
+        "created_at",
+        "peer_closed",
+    )
+
+    encrypted = True
+
+    def __init__(
+        self,
+        *,
+        send_secret: bytes,
+        recv_secret: bytes,
+        max_send_plaintext: int = DEFAULT_MAX_RECORD_PLAINTEXT,
+        max_recv_plaintext: int = DEFAULT_MAX_RECORD_PLAINTEXT,
+        created_at: float | None = None,
+        channel_binding: bytes = b"",
+        key_update_records: int = KEY_UPDATE_RECORDS,
+        key_update_bytes: int = KEY_UPDATE_BYTES,
+    ) -> None:
+        for value in (max_send_plaintext, max_recv_plaintext):
+            if not 0 < value <= MAX_RECORD_PLAINTEXT_LIMIT:
+                raise ValueError(f"record size must be in 1..{MAX_RECORD_PLAINTEXT_LIMIT}")
+        if not 0 < key_update_records <= RECEIVE_RECORDS_PER_KEY - 1 or key_update_bytes <= 0:
+            raise ValueError("key update thresholds out of range")
+        self.created_at = created_at
+        # A value unique to this session, derived one-way from the exporter secret; the same on
+        # both sides (for binding higher-level exchanges to the session, like tls-exporter).
+        self.channel_binding = channel_binding
+        self.peer_closed = False
+        self._failed = False
+        self._local_closed = False
+        self._update_requested = False
+        self._max_send = max_send_plaintext
+        self._max_recv_ct = max_recv_plaintext + TAG_LEN
+        self._ku_records = key_update_records
+        self._ku_bytes = key_update_bytes
+        self._buf = bytearray()
+        self._send_secret: bytes | None = send_secret
+        self._recv_secret: bytes | None = recv_secret
+        self._send_aead: AESGCM | None = None
+        self._recv_aead: AESGCM | None = None
+        self._send_iv = self._recv_iv = 0
+        self._send_seq = self._recv_seq = self._send_bytes = 0
+        self._install_send(send_secret)
+        self._install_recv(recv_secret)
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def _install_send(self, secret: bytes) -> None:
+        key, iv = traffic_key_iv(secret)
+        self._send_secret = secret
+        self._send_aead = AESGCM(key)
+        self._send_iv = int.from_bytes(iv, "big")
+        self._send_seq = 0
+        self._send_bytes = 0
+
+    def _install_recv(self, secret: bytes) -> None:
+        key, iv = traffic_key_iv(secret)
+        self._recv_secret = secret
+        self._recv_aead = AESGCM(key)
+        self._recv_iv = int.from_bytes(iv, "big")
+        self._recv_seq = 0
+
+    def _drop_send(self) -> None:
+        # Python cannot wipe memory; dropping the only references is the best available.
+        self._send_aead = None
+        self._send_secret = None
+
+    def _drop_recv(self) -> None:
+        self._recv_aead = None
+        self._recv_secret = None
+        self._buf = bytearray()
+
+    def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        self._failed = True
+        self._drop_send()
+        self._drop_recv()
+        return exc
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray | memoryview) -> bytes:
+        if self._failed:
+            raise RemoteProtocolError("session already failed")
+        if self.peer_closed:
+            if len(data):
+                raise self._fail(RemoteProtocolError("data after the peer's CLOSE record"))
+            return b""
+        aead = self._recv_aead
+        if aead is None:  # pragma: no cover - only after a failure, handled above
+            raise RemoteProtocolError("session already failed")
+        buf = self._buf
+        view: bytes | bytearray | memoryview
+        if buf:
+            buf += data
+            view = buf
+        else:
+            # Common case: parse the caller's chunk in place, buffer only an incomplete tail.
+            view = data
+        end = len(view)
+        pos = 0
+        out: list[bytes] = []
+        max_ct = self._max_recv_ct
+        seq = self._recv_seq
+        iv = self._recv_iv
+        with memoryview(view) as mv:
+            while end - pos >= HEADER_LEN:
+                rtype, length = _unpack_hdr(mv, pos)
+                if length > max_ct:
+                    self._recv_seq = seq
+                    raise self._fail(
+                        FrameTooLarge(f"record of {length} bytes exceeds the maximum of {max_ct}")
+                    )
+                stop = pos + HEADER_LEN + length
+                if stop > end:
+                    break
+                if rtype != REC_DATA and (
+                    length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
+                ):
+                    raise self._fail(RemoteProtocolError("malformed record header"))
+                if length < TAG_LEN:
+                    raise self._fail(RemoteProtocolError("record shorter than its tag"))
+                try:
+                    plain = aead.decrypt(
+                        (iv ^ seq).to_bytes(12, "big"),
+                        mv[pos + HEADER_LEN : stop],
+                        mv[pos : pos + HEADER_LEN],
+                    )
+                except InvalidTag:
+                    raise self._fail(RemoteProtocolError("record authentication failed")) from None
+                seq += 1
+                pos = stop
+                if rtype == REC_DATA:
+                    if plain:
+                        out.append(plain)
+                    if seq >= RECEIVE_RECORDS_PER_KEY:
+                        raise self._fail(RemoteProtocolError("peer did not update its key in time"))
+                elif rtype == REC_KEY_UPDATE:
+                    secret = self._recv_secret
+                    assert secret is not None
+                    self._install_recv(update_secret(secret))
+                    aead = self._recv_aead
+                    assert aead is not None
+                    seq = 0
+                    iv = self._recv_iv
+                else:  # REC_CLOSE
+                    if pos != end:
+                        raise self._fail(RemoteProtocolError("data after the peer's CLOSE record"))
+                    self.peer_closed = True
+                    break
+            if self.peer_closed:
+                self._drop_recv()
+            else:
+                self._recv_seq = seq
+                if view is buf:
+                    if pos:
+                        del buf[:pos]
+                elif pos < end:
+                    buf += mv[pos:]
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def eof_received(self) -> None:
+        if self._failed:
+            raise RemoteProtocolError("session already failed")
+        if not self.peer_closed:
+            raise self._fail(
+                RemoteProtocolError("connection closed without a CLOSE record (truncated)")
+            )
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _key_update_record(self) -> bytes:
+        aead = self._send_aead
+        secret = self._send_secret
+        assert aead is not None and secret is not None
+        hdr = _pack_hdr(REC_KEY_UPDATE, TAG_LEN)
+        record = hdr + aead.encrypt((self._send_iv ^ self._send_seq).to_bytes(12, "big"), b"", hdr)
+        self._install_send(update_secret(secret))
+        self._update_requested = False
+        return record
+
+    def _check_send(self) -> AESGCM:
+        if self._failed:
+            raise LocalProtocolError("session failed; nothing can be sent")
+        if self._local_closed:
+            raise LocalProtocolError("session closed; nothing can be sent")
+        aead = self._send_aead
+        assert aead is not None
+        return aead
+
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
+        aead = self._check_send()
+        out: list[bytes] = []
+        total = len(plaintext)
+        if not total:
+            if self._update_requested:
+                out.append(self._key_update_record())
+            return out
+        max_send = self._max_send
+        with memoryview(plaintext) as mv:
+            pos = 0
+            while pos < total:
+                if (
+                    self._update_requested
+                    or self._send_seq >= self._ku_records
+                    or self._send_bytes >= self._ku_bytes
+                ):
+                    out.append(self._key_update_record())
+                    fresh = self._send_aead
+                    assert fresh is not None
+                    aead = fresh
+                size = min(max_send, total - pos)
+                hdr = _pack_hdr(REC_DATA, size + TAG_LEN)
+                chunk = plaintext if size == total else mv[pos : pos + size]
+                ct = aead.encrypt((self._send_iv ^ self._send_seq).to_bytes(12, "big"), chunk, hdr)
+                self._send_seq += 1
+                self._send_bytes += size
+                if size < _JOIN_BELOW:
+                    out.append(hdr + ct)
+                else:
+                    out.append(hdr)
+                    out.append(ct)
+                pos += size
+        return out
+
+    def close(self) -> bytes:
+        aead = self._check_send()
+        hdr = _pack_hdr(REC_CLOSE, TAG_LEN)
+        record = hdr + aead.encrypt((self._send_iv ^ self._send_seq).to_bytes(12, "big"), b"", hdr)
+        self._local_closed = True
+        self._drop_send()
+        return record
+
+    def request_key_update(self) -> None:
+        self._check_send()
+        self._update_requested = True
