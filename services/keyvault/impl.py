@@ -1,0 +1,308 @@
+"""The enclave side of ``keyvault.v1``.
+
+Run in the enclave with ``vrpc serve services.keyvault.impl:create_server --listen
+vsock://ANY:5000``. Configuration comes from the environment (set in the enclave image):
+
+``VRPC_KMS_KEY_ID``        KMS key id/ARN/alias used for sealing; unset: seal/unseal refuse
+``VRPC_KMS_REGION``        region of that key (default ``AWS_REGION``, then ``us-east-1``)
+``VRPC_KMS_ENDPOINT``      default ``https://kms.REGION.amazonaws.com``
+``VRPC_KMS_PROXY_PORT``    parent's vsock-proxy port for KMS (default 8000)
+``VRPC_CREDENTIALS_PORT``  parent's credentials port (default 8002)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import time
+from typing import Any, NoReturn
+
+import structlog
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.keyvault import store
+from services.keyvault.cms import EnvelopeError
+from services.keyvault.interface import (
+    MAX_KEYS,
+    MAX_LABEL_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_SEALED_BYTES,
+    KeyInfo,
+    KeyType,
+    KeyVault,
+)
+from services.keyvault.kms import KmsError
+from services.keyvault.sealing import SealedFormatError, Sealer
+from vrpc.exceptions import RpcError
+from vrpc.status import Status
+
+__all__ = ["KeyVaultImpl", "create_server", "sealer_from_env"]
+
+log = structlog.get_logger("vrpc.keyvault")
+
+_CIPHERTEXT_VERSION = 1
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_MAX_KEY_ID_CHARS = 64
+
+
+class KeyVaultImpl(KeyVault):
+    """Keys in enclave memory. ``sealer`` (usually a ``KmsSealer``) enables seal/unseal."""
+
+    def __init__(self, *, sealer: Sealer | None = None, max_keys: int = MAX_KEYS) -> None:
+        self._keys: dict[str, store.Key] = {}
+        self._sealer = sealer
+        self._max_keys = max_keys
+        # seal/unseal await KMS; serialise them so an unseal cannot interleave with a seal.
+        self._seal_lock = asyncio.Lock()
+
+    async def create_key(self, key_type: KeyType, label: str | None = None) -> KeyInfo:
+        kind = _key_type(key_type)
+        if label is not None and len(label) > MAX_LABEL_CHARS:
+            _fail(
+                Status.INVALID_ARGUMENT,
+                f"label is {len(label)} characters, at most {MAX_LABEL_CHARS} allowed",
+                param="label",
+                max_chars=MAX_LABEL_CHARS,
+            )
+        if len(self._keys) >= self._max_keys:
+            _fail(
+                Status.RESOURCE_EXHAUSTED,
+                f"the vault holds {self._max_keys} keys already; delete some first",
+                param="key_type",
+                max_keys=self._max_keys,
+            )
+        key = store.generate(kind, label, int(time.time() * 1000))
+        self._keys[key.info.key_id] = key
+        log.info("key created", key_id=key.info.key_id, key_type=kind.value)
+        return key.info
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return [k.info for k in self._keys.values()]
+
+    async def delete_key(self, key_id: str) -> None:
+        self._get(key_id)
+        del self._keys[key_id]
+        log.info("key deleted", key_id=key_id)
+
+    async def public_key(self, key_id: str) -> bytes:
+        return self._signing_key(key_id, "public_key").public_key_der()
+
+    async def sign(self, key_id: str, message: bytes) -> bytes:
+        key = self._signing_key(key_id, "sign")
+        _check_size("message", message)
+        if key.info.key_type is KeyType.ED25519:
+            return key.ed25519().sign(message)
+        return key.ecdsa().sign(message, ec.ECDSA(hashes.SHA256()))
+
+    async def verify(self, key_id: str, message: bytes, signature: bytes) -> bool:
+        key = self._signing_key(key_id, "verify")
+        _check_size("message", message)
+        _check_size("signature", signature, limit=1024)
+        try:
+            if key.info.key_type is KeyType.ED25519:
+                key.ed25519().public_key().verify(signature, message)
+            else:
+                key.ecdsa().public_key().verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            # Malformed DER or wrong length is just "not a valid signature" to the caller.
+            return False
+        return True
+
+    async def encrypt(self, key_id: str, plaintext: bytes, associated_data: bytes = b"") -> bytes:
+        key = self._aead_key(key_id, "encrypt")
+        _check_size("plaintext", plaintext)
+        _check_size("associated_data", associated_data)
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = AESGCM(key.material).encrypt(nonce, plaintext, associated_data)
+        return bytes([_CIPHERTEXT_VERSION]) + nonce + sealed
+
+    async def decrypt(self, key_id: str, ciphertext: bytes, associated_data: bytes = b"") -> bytes:
+        key = self._aead_key(key_id, "decrypt")
+        _check_size("ciphertext", ciphertext, limit=MAX_MESSAGE_BYTES + 1 + _NONCE_BYTES + 16)
+        _check_size("associated_data", associated_data)
+        if len(ciphertext) < 1 + _NONCE_BYTES + _TAG_BYTES or ciphertext[0] != _CIPHERTEXT_VERSION:
+            _fail(
+                Status.INVALID_ARGUMENT,
+                "ciphertext is not a keyvault AES-256-GCM ciphertext (version 1, nonce, tag)",
+                param="ciphertext",
+            )
+        nonce = ciphertext[1 : 1 + _NONCE_BYTES]
+        try:
+            body = ciphertext[1 + _NONCE_BYTES :]
+            return AESGCM(key.material).decrypt(nonce, body, associated_data)
+        except InvalidTag:
+            _fail(
+                Status.INVALID_ARGUMENT,
+                f"ciphertext does not authenticate under key {key_id} with this associated_data",
+                param="ciphertext",
+            )
+
+    async def seal(self) -> bytes:
+        sealer = self._require_sealer()
+        async with self._seal_lock:
+            payload = store.dump_keys(self._keys.values())
+            try:
+                return await sealer.seal(payload)
+            except (KmsError, EnvelopeError, SealedFormatError) as exc:
+                _sealing_failed("seal", exc)
+
+    async def unseal(self, sealed: bytes) -> list[KeyInfo]:
+        sealer = self._require_sealer()
+        _check_size("sealed", sealed, limit=MAX_SEALED_BYTES)
+        async with self._seal_lock:
+            try:
+                payload = await sealer.unseal(sealed)
+                keys = store.load_keys(payload)
+            except SealedFormatError as exc:
+                _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
+            except store.StoreFormatError as exc:
+                _fail(Status.DATA_LOSS, f"sealed key store is corrupt: {exc}", param="sealed")
+            except (KmsError, EnvelopeError) as exc:
+                _sealing_failed("unseal", exc)
+            new = [k for k in keys if k.info.key_id not in self._keys]
+            for key in keys:
+                present = self._keys.get(key.info.key_id)
+                if present is not None and not present.same_material(key):
+                    _fail(
+                        Status.ALREADY_EXISTS,
+                        f"key {key.info.key_id} exists with different material; nothing loaded",
+                        param="sealed",
+                        key_id=key.info.key_id,
+                    )
+            if len(self._keys) + len(new) > self._max_keys:
+                _fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"unsealing would exceed {self._max_keys} keys; nothing loaded",
+                    param="sealed",
+                    max_keys=self._max_keys,
+                )
+            for key in new:
+                self._keys[key.info.key_id] = key
+            log.info("keys unsealed", total=len(keys), added=len(new))
+            return [k.info for k in keys]
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _get(self, key_id: str) -> store.Key:
+        key = self._keys.get(key_id) if len(key_id) <= _MAX_KEY_ID_CHARS else None
+        if key is None:
+            shown = key_id if len(key_id) <= _MAX_KEY_ID_CHARS else key_id[:_MAX_KEY_ID_CHARS] + "…"
+            _fail(Status.NOT_FOUND, f"no key with id {shown!r}", param="key_id")
+        assert key is not None
+        # Constant-time recheck is not needed: ids are not secrets (they are listed).
+        return key
+
+    def _signing_key(self, key_id: str, operation: str) -> store.Key:
+        key = self._get(key_id)
+        if not key.info.key_type.signs:
+            _wrong_type(key, operation, (KeyType.ED25519, KeyType.ECDSA_P256))
+        return key
+
+    def _aead_key(self, key_id: str, operation: str) -> store.Key:
+        key = self._get(key_id)
+        if not key.info.key_type.encrypts:
+            _wrong_type(key, operation, (KeyType.AES_256_GCM,))
+        return key
+
+    def _require_sealer(self) -> Sealer:
+        if self._sealer is None:
+            _fail(
+                Status.FAILED_PRECONDITION,
+                "sealing is not configured in this enclave (set VRPC_KMS_KEY_ID)",
+                param=None,
+            )
+        assert self._sealer is not None
+        return self._sealer
+
+
+def _fail(status: Status, message: str, *, param: str | None, **details: Any) -> NoReturn:
+    raise RpcError(status, message, {"param": param, **details})
+
+
+def _key_type(value: str) -> KeyType:
+    try:
+        return KeyType(value)
+    except ValueError:
+        allowed = ", ".join(t.value for t in KeyType)
+        _fail(
+            Status.INVALID_ARGUMENT,
+            f"unknown key_type {value!r}; expected one of {allowed}",
+            param="key_type",
+        )
+
+
+def _check_size(param: str, value: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> None:
+    if len(value) > limit:
+        _fail(
+            Status.INVALID_ARGUMENT,
+            f"{param} is {len(value)} bytes, at most {limit} allowed",
+            param=param,
+            max_bytes=limit,
+            got_bytes=len(value),
+        )
+
+
+def _wrong_type(key: store.Key, operation: str, expected: tuple[KeyType, ...]) -> NoReturn:
+    names = " or ".join(t.value for t in expected)
+    _fail(
+        Status.FAILED_PRECONDITION,
+        f"key {key.info.key_id} is {key.info.key_type.value}; {operation} needs {names}",
+        param="key_id",
+        key_type=key.info.key_type.value,
+        expected=[t.value for t in expected],
+    )
+
+
+def _sealing_failed(operation: str, exc: Exception) -> NoReturn:
+    log.warning("sealing failed", operation=operation, error=type(exc).__name__)
+    if isinstance(exc, KmsError):
+        if exc.code == "AccessDeniedException":
+            status = Status.PERMISSION_DENIED
+        elif exc.code in ("InvalidCiphertextException", "IncorrectKeyException"):
+            status = Status.INVALID_ARGUMENT
+        elif exc.retryable:
+            status = Status.UNAVAILABLE
+        else:
+            status = Status.FAILED_PRECONDITION
+        raise RpcError(status, f"{operation}: {exc}", {"param": None, "kms_code": exc.code})
+    raise RpcError(Status.INTERNAL, f"{operation}: {exc}", {"param": None}) from exc
+
+
+def sealer_from_env(attester: Any, environ: dict[str, str] | None = None) -> Sealer | None:
+    """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset)."""
+    from services.keyvault.credentials import ParentCredentials
+    from services.keyvault.forward import EnclaveForward, vsock_connector
+    from services.keyvault.kms import KmsClient
+    from services.keyvault.sealing import KmsSealer
+
+    env = dict(os.environ) if environ is None else environ
+    key_id = env.get("VRPC_KMS_KEY_ID")
+    if not key_id:
+        return None
+    region = env.get("VRPC_KMS_REGION") or env.get("AWS_REGION") or "us-east-1"
+    endpoint = env.get("VRPC_KMS_ENDPOINT") or f"https://kms.{region}.amazonaws.com"
+    proxy_port = int(env.get("VRPC_KMS_PROXY_PORT", "8000"))
+    creds_port = int(env.get("VRPC_CREDENTIALS_PORT", "8002"))
+    parent = 3  # the parent instance's CID, as seen from any Nitro enclave
+    forward = EnclaveForward(vsock_connector(parent, proxy_port), port=proxy_port)
+    client = KmsClient(
+        endpoint=endpoint,
+        region=region,
+        credentials=ParentCredentials(vsock_connector(parent, creds_port)),
+        route=forward,
+    )
+    return KmsSealer(client, key_id, attester)
+
+
+def create_server() -> Any:
+    """The enclave's server: ``vrpc.Server([KeyVaultImpl(...)], attester=NsmAttester())``."""
+    # Imported here: the server and the NSM driver are enclave-side, and importing this module
+    # (tests, tooling, hosts reading the implementation) must need neither.
+    server_cls = importlib.import_module("vrpc").Server
+    attester = importlib.import_module("vrpc.attestation").NsmAttester()
+    return server_cls([KeyVaultImpl(sealer=sealer_from_env(attester))], attester=attester)

@@ -1,0 +1,184 @@
+"""Sealing the key store with AWS KMS, the Nitro Enclaves way.
+
+Sealed blob, version 1 (all integers big-endian)::
+
+    offset  size  field
+    0       4     magic  b"VRKV"
+    4       1     version = 1
+    5       2     n = length of the KMS ciphertext blob (1..6144)
+    7       n     KMS CiphertextBlob of the AES-256 data key (from GenerateDataKey)
+    7+n     12    AES-GCM nonce (random)
+    19+n    rest  AES-256-GCM(data key, nonce, serialised key store) || 16-byte tag
+                  associated data = bytes 0 .. 7+n (magic, version, n, KMS blob)
+
+Sealing: generate an ephemeral RSA-2048 key pair; get an attestation document from the NSM with
+the public key (SPKI DER) in its ``public_key`` field; call ``GenerateDataKey`` with
+``Recipient = {AttestationDocument, KeyEncryptionAlgorithm: RSAES_OAEP_SHA_256}``; open
+``CiphertextForRecipient`` (CMS) with the private key; encrypt the store under the data key.
+Unsealing: the same, with ``Decrypt`` of the stored KMS blob. The RSA key lives for one call.
+
+The KMS encryption context ``{"vrpc:service": "keyvault.v1", "vrpc:sealed-format": "1"}`` binds
+the data key to this use; key policies can require it. A blob is only as private as the KMS key
+policy is strict: that policy must demand the enclave's measurements
+(``kms:RecipientAttestation:ImageSha384`` / ``PCR0``…), see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from typing import Protocol
+
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.keyvault.cms import open_envelope
+from services.keyvault.interface import MAX_SEALED_BYTES
+from services.keyvault.kms import KmsClient
+from vrpc.exceptions import VrpcError
+
+__all__ = [
+    "ENCRYPTION_CONTEXT",
+    "MAGIC",
+    "VERSION",
+    "Attester",
+    "KmsSealer",
+    "SealedBlob",
+    "SealedFormatError",
+    "Sealer",
+]
+
+log = structlog.get_logger("vrpc.keyvault.sealing")
+
+MAGIC = b"VRKV"
+VERSION = 1
+ENCRYPTION_CONTEXT = {"vrpc:service": "keyvault.v1", "vrpc:sealed-format": str(VERSION)}
+_HEADER = struct.Struct(">4sBH")
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_MAX_KMS_BLOB = 6144  # KMS ciphertext blobs are well under this
+_RSA_BITS = 2048
+
+
+class SealedFormatError(VrpcError):
+    """The bytes are not a sealed key store of a known version, or do not authenticate."""
+
+
+class Attester(Protocol):
+    """What sealing needs from ``vrpc.attestation`` (``NsmAttester`` in the enclave)."""
+
+    def attest(
+        self,
+        *,
+        user_data: bytes | None = None,
+        nonce: bytes | None = None,
+        public_key: bytes | None = None,
+    ) -> bytes: ...
+
+
+class Sealer(Protocol):
+    async def seal(self, plaintext: bytes) -> bytes: ...
+
+    async def unseal(self, blob: bytes) -> bytes: ...
+
+
+class SealedBlob:
+    """Parse/build the versioned blob; AES-GCM with a data key the caller obtained."""
+
+    def __init__(self, kms_blob: bytes, nonce: bytes, ciphertext: bytes) -> None:
+        self.kms_blob = kms_blob
+        self.nonce = nonce
+        self.ciphertext = ciphertext
+
+    @staticmethod
+    def header(kms_blob: bytes) -> bytes:
+        if not 0 < len(kms_blob) <= _MAX_KMS_BLOB:
+            raise SealedFormatError(f"KMS blob is {len(kms_blob)} bytes, not 1..{_MAX_KMS_BLOB}")
+        return _HEADER.pack(MAGIC, VERSION, len(kms_blob)) + kms_blob
+
+    @classmethod
+    def encrypt(cls, data_key: bytes, kms_blob: bytes, plaintext: bytes) -> bytes:
+        header = cls.header(kms_blob)
+        nonce = os.urandom(_NONCE_BYTES)
+        return header + nonce + AESGCM(data_key).encrypt(nonce, plaintext, header)
+
+    @classmethod
+    def parse(cls, blob: bytes) -> SealedBlob:
+        if len(blob) > MAX_SEALED_BYTES:
+            raise SealedFormatError(f"sealed blob is larger than {MAX_SEALED_BYTES} bytes")
+        if len(blob) < _HEADER.size:
+            raise SealedFormatError("sealed blob is truncated")
+        magic, version, n = _HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise SealedFormatError("not a vrpc keyvault sealed blob (bad magic)")
+        if version != VERSION:
+            raise SealedFormatError(f"sealed blob version {version} is not supported")
+        if not 0 < n <= _MAX_KMS_BLOB:
+            raise SealedFormatError(f"KMS blob length {n} is out of range")
+        start = _HEADER.size + n
+        if len(blob) < start + _NONCE_BYTES + _TAG_BYTES:
+            raise SealedFormatError("sealed blob is truncated")
+        return cls(
+            blob[_HEADER.size : start],
+            blob[start : start + _NONCE_BYTES],
+            blob[start + _NONCE_BYTES :],
+        )
+
+    def decrypt(self, data_key: bytes) -> bytes:
+        try:
+            aad = self.header(self.kms_blob)
+            return AESGCM(data_key).decrypt(self.nonce, self.ciphertext, aad)
+        except InvalidTag:
+            raise SealedFormatError("sealed blob is corrupt or altered") from None
+
+
+class KmsSealer:
+    """Seal and unseal through KMS with an attested Recipient (see the module docstring)."""
+
+    def __init__(self, kms: KmsClient, key_id: str, attester: Attester) -> None:
+        self._kms = kms
+        self._key_id = key_id
+        self._attester = attester
+
+    async def seal(self, plaintext: bytes) -> bytes:
+        private_key, document = await self._recipient()
+        data_key = await self._kms.generate_data_key(
+            self._key_id, attestation_document=document, encryption_context=ENCRYPTION_CONTEXT
+        )
+        key = await asyncio.to_thread(open_envelope, data_key.ciphertext_for_recipient, private_key)
+        _check_data_key(key)
+        log.info("key store sealed", kms_key=data_key.key_id, bytes=len(plaintext))
+        return SealedBlob.encrypt(key, data_key.ciphertext_blob, plaintext)
+
+    async def unseal(self, blob: bytes) -> bytes:
+        parsed = SealedBlob.parse(blob)
+        private_key, document = await self._recipient()
+        envelope = await self._kms.decrypt(
+            parsed.kms_blob,
+            attestation_document=document,
+            key_id=self._key_id,
+            encryption_context=ENCRYPTION_CONTEXT,
+        )
+        key = await asyncio.to_thread(open_envelope, envelope, private_key)
+        _check_data_key(key)
+        plaintext = parsed.decrypt(key)
+        log.info("key store unsealed", bytes=len(plaintext))
+        return plaintext
+
+    async def _recipient(self) -> tuple[rsa.RSAPrivateKey, bytes]:
+        # RSA key generation takes tens of milliseconds: keep it off the event loop.
+        private_key = await asyncio.to_thread(rsa.generate_private_key, 65537, _RSA_BITS)
+        spki = private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        document = await asyncio.to_thread(self._attester.attest, public_key=spki)
+        return private_key, document
+
+
+def _check_data_key(key: bytes) -> None:
+    if len(key) != 32:
+        raise SealedFormatError(f"KMS data key is {len(key)} bytes, expected 32 (AES_256)")
