@@ -313,7 +313,7 @@ def test_payload_field_malformed(genuine: bytes, field: str, value: Any, match: 
     [
         ("module_id", lambda v: v[:-1] + "X"),
         ("timestamp", lambda v: v + 1),
-        ("pcrs", lambda v: {**v, 3: bytes(48)}),
+        ("pcrs", lambda v: {**v, 3: b"\x01" * 48}),
         ("public_key", lambda v: v[:-1] + b"\x00"),
         ("user_data", lambda v: None),
         ("nonce", lambda v: b""),
