@@ -133,7 +133,7 @@ def test_naive_now_is_an_api_error() -> None:
 
 
 def test_require_pins_explains_how_to_build_a_policy() -> None:
-    with pytest.raises(PolicyViolation, match="vrpc attest policy measurements.json"):
+    with pytest.raises(PolicyViolation, match=r"vrpc attest policy measurements\.json"):
         Policy().require_pins()
     Policy(pcrs={0: P0}).require_pins()
 
