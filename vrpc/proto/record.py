@@ -72,6 +72,7 @@ MAX_RECORD_PLAINTEXT_LIMIT = 1 << 20
 KEY_UPDATE_RECORDS = 1 << 20
 KEY_UPDATE_BYTES = 1 << 34
 RECEIVE_RECORDS_PER_KEY = 1 << 24
+_MAX_KEY_UPDATE_RECORDS = RECEIVE_RECORDS_PER_KEY
 # Below this size a record is returned as one bytes object (header + ciphertext); above it the
 # header and the ciphertext are separate list items so a large ciphertext is never copied again
 # (the shell writes the list with writelines).
@@ -188,7 +189,7 @@ class RecordSession:
         for value in (max_send_plaintext, max_recv_plaintext):
             if not 0 < value <= MAX_RECORD_PLAINTEXT_LIMIT:
                 raise ValueError(f"record size must be in 1..{MAX_RECORD_PLAINTEXT_LIMIT}")
-        if not 0 < key_update_records <= RECEIVE_RECORDS_PER_KEY - 1 or key_update_bytes <= 0:
+        if not 0 < key_update_records < _MAX_KEY_UPDATE_RECORDS or key_update_bytes <= 0:
             raise ValueError("key update thresholds out of range")
         self.created_at = created_at
         # A value unique to this session, derived one-way from the exporter secret; the same on
@@ -316,15 +317,15 @@ class RecordSession:
                         raise self._fail(RemoteProtocolError("data after the peer's CLOSE record"))
                     self.peer_closed = True
                     break
-            if self.peer_closed:
-                self._drop_recv()
-            else:
-                self._recv_seq = seq
-                if view is buf:
-                    if pos:
-                        del buf[:pos]
-                elif pos < end:
-                    buf += mv[pos:]
+            if not self.peer_closed and view is not buf and pos < end:
+                buf += mv[pos:]
+        # Outside the ``with``: a bytearray cannot be resized while a memoryview exports it.
+        if self.peer_closed:
+            self._drop_recv()
+        else:
+            self._recv_seq = seq
+            if view is buf and pos:
+                del buf[:pos]
         if not out:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
