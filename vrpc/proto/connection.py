@@ -514,7 +514,9 @@ class Connection:
                 self._emit((3, call_id))
                 events.append(ErrorReceived(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded"))
             else:
-                self._emit((2, call_id, int(Status.DEADLINE_EXCEEDED), "deadline exceeded", None, None))
+                self._emit(
+                    (2, call_id, int(Status.DEADLINE_EXCEEDED), "deadline exceeded", None, None)
+                )
                 events.append(CallCancelled(call_id, Status.DEADLINE_EXCEEDED))
         if self._last_activity is None or self.closed:
             return events

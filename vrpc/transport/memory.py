@@ -53,6 +53,9 @@ class MemoryTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # delivery is immediate: nothing accumulates on this side
+
     def _deliver(self, data: bytes) -> None:
         if not self._closing and self._protocol is not None:
             self._protocol.data_received(data)

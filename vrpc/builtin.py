@@ -1,0 +1,88 @@
+"""Built-in services every server exposes: health and reflection (with metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from vrpc.exceptions import RpcError
+from vrpc.service import Service, rpc
+from vrpc.status import Status
+
+if TYPE_CHECKING:
+    from vrpc.server import Server
+
+__all__ = ["Health", "HealthApi", "MethodInfo", "Reflection", "ReflectionApi"]
+
+SERVING = "SERVING"
+NOT_SERVING = "NOT_SERVING"
+
+
+class HealthApi(Service, name="vrpc.health"):
+    @rpc(idempotent=True)
+    async def check(self, service: str = "") -> str:
+        """SERVING or NOT_SERVING for one service, or for the whole server with ""."""
+        raise NotImplementedError
+
+
+class Health(HealthApi):
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._overall = SERVING
+        self._status: dict[str, str] = {}
+
+    def set_status(self, service: str, serving: bool) -> None:
+        self._status[service] = SERVING if serving else NOT_SERVING
+
+    def set_all_not_serving(self) -> None:
+        self._overall = NOT_SERVING
+        for name in self._status:
+            self._status[name] = NOT_SERVING
+
+    async def check(self, service: str = "") -> str:
+        if not service:
+            return self._overall
+        if service in self._status:
+            return self._status[service] if self._overall == SERVING else NOT_SERVING
+        known = {spec.service for spec in self._server.methods.values()}
+        if service not in known:
+            raise RpcError(Status.NOT_FOUND, f"unknown service {service!r}")
+        return self._overall
+
+
+@dataclasses.dataclass
+class MethodInfo:
+    name: str
+    kind: str
+    signature: str
+    idempotent: bool
+
+
+class ReflectionApi(Service, name="vrpc.reflection"):
+    @rpc(idempotent=True)
+    async def list_services(self) -> dict[str, list[MethodInfo]]:
+        raise NotImplementedError
+
+    @rpc(idempotent=True)
+    async def metrics(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Reflection(ReflectionApi):
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def list_services(self) -> dict[str, list[MethodInfo]]:
+        out: dict[str, list[MethodInfo]] = {}
+        for spec in self._server.methods.values():
+            out.setdefault(spec.service, []).append(
+                MethodInfo(spec.full_name, spec.kind.value, spec.signature, spec.idempotent)
+            )
+        return out
+
+    async def metrics(self) -> dict[str, Any]:
+        return {
+            "connections": self._server.connection_count,
+            "calls_in_flight": self._server.calls_in_flight,
+            "methods": self._server.metrics.snapshot(),
+        }

@@ -1,0 +1,116 @@
+"""Per-call context: what a handler can know about its call, and per-call options for callers.
+
+Handlers read ``vrpc.current_call()`` (method, metadata, peer claims, remaining time) and may
+send headers or set trailers. Callers wrap calls in
+``with vrpc.call_options(timeout=..., metadata=...)``; the options object then holds the headers
+and trailers the handler sent back.
+
+A call made *inside* a handler inherits the handler's remaining deadline, so a chain of enclave
+calls never outlives the original caller's patience.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["CallContext", "CallOptions", "Peer", "call_options", "current_call"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection."""
+
+    address: str
+    claims: Any = None  # vrpc.attestation.Claims of an attested peer (mutual attestation)
+    mode: str = ""
+
+
+class CallContext:
+    """The server-side view of one call (``vrpc.current_call()`` inside a handler)."""
+
+    __slots__ = (
+        "_send_headers",
+        "deadline",
+        "headers_sent",
+        "metadata",
+        "method",
+        "peer",
+        "trailers",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        metadata: dict[str, Any] | None,
+        peer: Peer,
+        deadline: float | None,
+        send_headers: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.method = method
+        self.metadata: dict[str, Any] = metadata or {}
+        self.peer = peer
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.trailers: dict[str, Any] = {}
+        self.headers_sent = False
+        self._send_headers = send_headers
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def send_headers(self, metadata: dict[str, Any]) -> None:
+        """Send initial metadata to the caller before the result (at most once)."""
+        if self.headers_sent:
+            raise RuntimeError("headers were already sent for this call")
+        self.headers_sent = True
+        self._send_headers(metadata)
+
+    def set_trailer(self, key: str, value: Any) -> None:
+        self.trailers[key] = value
+
+
+_current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("vrpc_call")
+
+
+def current_call() -> CallContext:
+    """The context of the call being handled; LookupError outside a handler."""
+    return _current.get()
+
+
+def _deadline_from_context() -> float | None:
+    ctx = _current.get(None)
+    return None if ctx is None else ctx.deadline
+
+
+@dataclasses.dataclass(slots=True)
+class CallOptions:
+    """Options for the calls made inside ``with call_options(...)``, and what came back."""
+
+    timeout: float | None = None
+    metadata: dict[str, Any] | None = None
+    headers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trailers: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_options: contextvars.ContextVar[CallOptions | None] = contextvars.ContextVar(
+    "vrpc_call_options", default=None
+)
+
+
+@contextmanager
+def call_options(
+    *, timeout: float | None = None, metadata: dict[str, Any] | None = None
+) -> Iterator[CallOptions]:
+    """Set a timeout and metadata for the calls made in the block; read headers/trailers after."""
+    options = CallOptions(timeout=timeout, metadata=metadata)
+    token = _options.set(options)
+    try:
+        yield options
+    finally:
+        _options.reset(token)

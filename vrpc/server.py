@@ -1,0 +1,467 @@
+"""The server shell: accept connections, run the attested handshake, dispatch calls to handlers.
+
+A bad peer costs one connection, never the server; a failing handler costs one call:
+
+* a handler's ``RpcError`` goes back as it is; any other exception becomes INTERNAL with a fixed
+  message, and only the server log gets the traceback;
+* arguments are validated against the declared type hints before the handler runs;
+* limits (connections, calls per connection and in total, message sizes, handshake and idle time)
+  answer with RESOURCE_EXHAUSTED or close the offending connection, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from vrpc._shell import FlowGate, ShellProtocol, monotonic
+from vrpc._validation import ArgumentBinder
+from vrpc.context import CallContext, Peer, _current
+from vrpc.exceptions import RpcError
+from vrpc.metrics import Metrics
+from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, Connection, Role
+from vrpc.proto.events import (
+    CallCancelled,
+    CreditAvailable,
+    Event,
+    ItemReceived,
+    RequestReceived,
+    StreamEnded,
+)
+from vrpc.proto.handshake import ServerHandshake
+from vrpc.service import MethodSpec, Service, describe_service
+from vrpc.status import Status
+from vrpc.transport import Listener, create_server
+
+__all__ = ["Server", "ServerInterceptor"]
+
+log = structlog.get_logger("vrpc.server")
+
+CallNext = Callable[[], Awaitable[Any]]
+
+
+class ServerInterceptor(Protocol):
+    """Wraps every call: may read ``ctx`` (method, metadata, peer), deny with ``RpcError``,
+    observe the outcome (the exception or the result) and time it."""
+
+    async def __call__(self, ctx: CallContext, call_next: CallNext) -> Any: ...
+
+
+class _Method:
+    __slots__ = ("binder", "handler", "spec")
+
+    def __init__(self, spec: MethodSpec, handler: Callable[..., Any]) -> None:
+        self.spec = spec
+        self.handler = handler
+        self.binder = ArgumentBinder(spec)
+
+
+class InboundStream:
+    """The async iterator a client- or bidi-streaming handler receives.
+
+    Items wait here until the handler takes them; credit goes back to the peer as they are
+    taken, so a slow handler slows the sender (flow control) instead of growing this buffer.
+    """
+
+    def __init__(self, proto: _ServerConnection, call_id: int, converter: Callable[[Any], Any]):
+        self._proto = proto
+        self._call_id = call_id
+        self._convert = converter
+        self._items: asyncio.Queue[tuple[Any, int] | None] = asyncio.Queue()
+        self.buffered_bytes = 0
+
+    def _put(self, item: Any, size: int) -> None:
+        self.buffered_bytes += size
+        self._items.put_nowait((item, size))
+
+    def _end(self) -> None:
+        self._items.put_nowait(None)
+
+    def __aiter__(self) -> InboundStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        entry = await self._items.get()
+        if entry is None:
+            self._items.put_nowait(None)  # stay ended for repeated iteration
+            raise StopAsyncIteration
+        item, size = entry
+        self.buffered_bytes -= size
+        self._proto.conn.consumed(self._call_id, size)
+        self._proto.schedule_flush()
+        try:
+            return self._convert(item)
+        except Exception as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid stream item: {exc}") from None
+
+
+class _ServerConnection(ShellProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        conn = Connection(
+            Role.SERVER,
+            max_send_message_size=server.max_send_message_size,
+            max_receive_message_size=server.max_receive_message_size,
+            max_concurrent_calls=server.max_calls_per_connection,
+            keepalive_interval=server.keepalive_interval,
+            keepalive_timeout=server.keepalive_timeout,
+            idle_timeout=server.idle_timeout,
+        )
+        super().__init__(conn, server._new_handshake(), attester=server.attester)
+        self.handshake_timeout = server.handshake_timeout
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.inbound: dict[int, InboundStream] = {}
+        self.credit_gates: dict[int, FlowGate] = {}
+        self.peer = Peer(self.peer_address)
+        self.opened_at = monotonic()
+
+    def on_connection_made(self) -> None:
+        server = self.server
+        if len(server._connections) >= server.max_connections or not server._accepting:
+            log.warning("connection refused", peer=self.peer_address, reason="connection limit")
+            self.closed = True
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        server._connections.add(self)
+
+    def on_established(self) -> None:
+        self.peer = Peer(self.peer_address, self.peer_claims, self.mode)
+        log.info("connection open", peer=self.peer_address, mode=self.mode)
+        if self.server._draining:
+            self.conn.goaway("server is shutting down")
+
+    def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
+        self.server._connections.discard(self)
+        for task in self.tasks.values():
+            task.cancel()
+        for gate in self.credit_gates.values():
+            gate.open()
+        log.info(
+            "connection closed",
+            peer=self.peer_address,
+            seconds=round(monotonic() - self.opened_at, 3),
+            truncated=truncated,
+            error=str(exc) if exc else None,
+        )
+
+    def handle_events(self, events: list[Event]) -> None:
+        for ev in events:
+            kind = type(ev)
+            if kind is RequestReceived:
+                self._start(ev)  # type: ignore[arg-type]
+            elif kind is ItemReceived:
+                stream = self.inbound.get(ev.call_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream._put(ev.item, ev.size)  # type: ignore[attr-defined]
+            elif kind is StreamEnded:
+                stream = self.inbound.get(ev.call_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream._end()
+            elif kind is CallCancelled:
+                task = self.tasks.get(ev.call_id)  # type: ignore[attr-defined]
+                if task is not None:
+                    task.cancel()
+            elif kind is CreditAvailable:
+                gate = self.credit_gates.get(ev.call_id)  # type: ignore[attr-defined]
+                if gate is not None:
+                    gate.open()
+            else:  # ConnectionTerminated (keepalive or idle timeout)
+                log.info("closing connection", peer=self.peer_address, reason=ev.reason)  # type: ignore[attr-defined]
+                self.conn.goaway(ev.reason)  # type: ignore[attr-defined]
+                self.close_gracefully()
+
+    def _start(self, ev: RequestReceived) -> None:
+        server = self.server
+        call_id = ev.call_id
+        method = server._methods.get(ev.method)
+        if method is None:
+            self.conn.send_error(call_id, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
+            server.metrics.record(ev.method, Status.UNIMPLEMENTED, 0.0)
+            return
+        if server._in_flight >= server.max_concurrent_calls:
+            self.conn.send_error(
+                call_id,
+                Status.RESOURCE_EXHAUSTED,
+                f"the server has {server.max_concurrent_calls} calls in flight",
+            )
+            server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
+            return
+        spec = method.spec
+        if ev.stream_request != spec.kind.streams_request:
+            self.conn.send_error(
+                call_id, Status.INVALID_ARGUMENT, f"{ev.method} is a {spec.kind.value} method"
+            )
+            return
+        try:
+            args = method.binder.bind(ev.args)
+        except RpcError as exc:
+            self.conn.send_error(call_id, exc.status, exc.message, exc.details)
+            server.metrics.record(ev.method, exc.status, 0.0)
+            return
+        if spec.kind.streams_request:
+            from vrpc._validation import converter_for
+
+            stream = InboundStream(self, call_id, converter_for(spec.request_item_type))
+            self.inbound[call_id] = stream
+            args.append(stream)
+        deadline = None if ev.timeout is None else monotonic() + ev.timeout
+        ctx = CallContext(
+            ev.method,
+            ev.metadata,
+            self.peer,
+            deadline,
+            lambda md: self._send_headers(call_id, md),
+        )
+        server._in_flight += 1
+        self.tasks[call_id] = self.loop.create_task(self._run(method, call_id, args, ctx))
+
+    def _send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
+        self.conn.send_headers(call_id, metadata)
+        self.schedule_flush()
+
+    async def _run(self, method: _Method, call_id: int, args: list[Any], ctx: CallContext) -> None:
+        server = self.server
+        _current.set(ctx)
+        started = monotonic()
+        status = Status.OK
+        spec = method.spec
+        try:
+            if spec.kind.streams_response:
+                invoke: CallNext = lambda: self._pump(method, call_id, args)  # noqa: E731
+            else:
+                invoke = lambda: method.handler(*args)  # noqa: E731
+            for interceptor in reversed(server.interceptors):
+                invoke = _bind_interceptor(interceptor, ctx, invoke)
+            result = await invoke()
+        except RpcError as exc:
+            status = exc.status
+            self.conn.send_error(
+                call_id, exc.status, exc.message, exc.details, ctx.trailers or None
+            )
+        except asyncio.CancelledError:
+            # Cancelled by the client, by the deadline (the core already answered), by a lost
+            # connection, or by a drain past its grace period.
+            status = Status.CANCELLED
+            if self.conn.is_active(call_id):
+                self.conn.send_error(call_id, Status.CANCELLED, "call cancelled by the server")
+        except Exception:
+            status = Status.INTERNAL
+            log.exception("handler failed", method=ctx.method, peer=self.peer_address)
+            self.conn.send_error(call_id, Status.INTERNAL, "internal error")
+        else:
+            if spec.kind.streams_response:
+                result = None
+            self.conn.send_response(call_id, result, ctx.trailers or None)
+        finally:
+            server._in_flight -= 1
+            if not server._in_flight and server._draining:
+                server._idle.set()
+            self.tasks.pop(call_id, None)
+            self.inbound.pop(call_id, None)
+            self.credit_gates.pop(call_id, None)
+            if not self.closed:
+                self.schedule_flush()
+                self.arm_timer()
+            server._call_finished(ctx.method, status, monotonic() - started)
+
+    async def _pump(self, method: _Method, call_id: int, args: list[Any]) -> None:
+        """Drive a server-streaming handler, honouring credit and the transport's buffer."""
+        conn = self.conn
+        gate = self.credit_gates[call_id] = FlowGate()
+        agen: AsyncIterator[Any] = method.handler(*args)
+        try:
+            async for item in agen:
+                while not conn.can_send(call_id):
+                    if not conn.is_active(call_id) or self.closed:
+                        raise asyncio.CancelledError
+                    gate.close()
+                    await gate.wait()
+                if not self.write_gate.is_open:
+                    await self.write_gate.wait()
+                if not conn.send_item(call_id, item):
+                    raise asyncio.CancelledError
+                self.schedule_flush()
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _bind_interceptor(interceptor: ServerInterceptor, ctx: CallContext, nxt: CallNext) -> CallNext:
+    return lambda: interceptor(ctx, nxt)
+
+
+class Server:
+    """Serves a list of service instances on one or more addresses.
+
+    ``attester`` produces the attestation documents the handshake needs: ``NsmAttester()`` inside
+    a Nitro enclave (the default), ``InsecureTestAttester()`` on machines without Nitro (the
+    clients must opt in to trust it). ``allow_plaintext=True`` additionally accepts clients that
+    explicitly ask for an unencrypted session (for measuring the cost of encryption only).
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service],
+        *,
+        attester: Any = None,
+        allow_plaintext: bool = False,
+        mutual_verifier: Any = None,
+        interceptors: Sequence[ServerInterceptor] = (),
+        max_send_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_receive_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_calls_per_connection: int = 1024,
+        max_concurrent_calls: int = 16384,
+        max_connections: int = 1024,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = None,
+        keepalive_interval: float | None = 30.0,
+        keepalive_timeout: float = 20.0,
+        reflection: bool = True,
+        health: bool = True,
+    ) -> None:
+        if attester is None:
+            from vrpc.attestation import NsmAttester
+
+            attester = NsmAttester()
+        self.attester = attester
+        self.mode = "dev-insecure" if getattr(attester, "insecure", False) else "prod"
+        if self.mode == "dev-insecure" and os.path.exists("/dev/nsm"):
+            raise RuntimeError(
+                "refusing the insecure test attester: /dev/nsm exists (this is a real enclave)"
+            )
+        self.allow_plaintext = allow_plaintext
+        self.mutual_verifier = mutual_verifier
+        self.interceptors = list(interceptors)
+        self.max_send_message_size = max_send_message_size
+        self.max_receive_message_size = max_receive_message_size
+        self.max_calls_per_connection = max_calls_per_connection
+        self.max_concurrent_calls = max_concurrent_calls
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.metrics = Metrics()
+        self._services: list[Service] = list(services)
+        from vrpc.builtin import Health, Reflection
+
+        self.health = Health(self) if health else None
+        if self.health is not None:
+            self._services.append(self.health)
+        if reflection:
+            self._services.append(Reflection(self))
+        self._methods: dict[str, _Method] = {}
+        for service in self._services:
+            for spec in describe_service(type(service)).values():
+                if spec.full_name in self._methods:
+                    raise ValueError(f"{spec.full_name} is served twice")
+                self._methods[spec.full_name] = _Method(spec, getattr(service, spec.attr))
+        self._listeners: list[Listener] = []
+        self._connections: set[_ServerConnection] = set()
+        self._in_flight = 0
+        self._accepting = True
+        self._draining = False
+        self._closed = asyncio.Event()
+        self._idle = asyncio.Event()  # set when a drain sees the last call finish
+        if allow_plaintext:
+            log.warning("plaintext sessions allowed: clients that opt in get NO encryption")
+
+    @property
+    def services(self) -> list[Service]:
+        return list(self._services)
+
+    @property
+    def methods(self) -> dict[str, MethodSpec]:
+        return {name: m.spec for name, m in self._methods.items()}
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return self._in_flight
+
+    def _new_handshake(self) -> ServerHandshake:
+        return ServerHandshake(
+            mode=self.mode,
+            allow_plaintext=self.allow_plaintext,
+            verify_peer=self.mutual_verifier,
+            require_mutual=self.mutual_verifier is not None,
+            services={spec.service for spec in self.methods.values()},
+        )
+
+    def _call_finished(self, method: str, status: Status, seconds: float) -> None:
+        self.metrics.record(method, status, seconds)
+        if status is Status.INTERNAL:
+            log.error("call failed", method=method, status=status.name)
+
+    async def start(self, uri: str) -> None:
+        """Listen on ``uri`` (vsock://ANY:5000, unix:///run/x.sock, tcp://127.0.0.1:7000)."""
+        listener = await create_server(uri, lambda: _ServerConnection(self))
+        self._listeners.append(listener)
+        log.info("listening", address=uri, mode=self.mode, methods=len(self._methods))
+
+    async def serve(self, uri: str | None = None, *, handle_signals: bool = True) -> None:
+        """Listen (if ``uri``) and serve until ``close()``; SIGTERM/SIGINT drain gracefully."""
+        if uri is not None:
+            await self.start(uri)
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, lambda: loop.create_task(self.close()))
+                except (NotImplementedError, RuntimeError):
+                    pass
+        try:
+            await self._closed.wait()
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    try:
+                        loop.remove_signal_handler(sig)
+                    except (NotImplementedError, RuntimeError):
+                        pass
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Drain: stop accepting, send GOAWAY, let calls finish for ``grace`` s, cancel the rest."""
+        if self._closed.is_set():
+            return
+        self._accepting = False
+        self._draining = True
+        if self.health is not None:
+            self.health.set_all_not_serving()
+        for listener in self._listeners:
+            listener.close()
+        for proto in list(self._connections):
+            proto.conn.goaway("server is shutting down")
+            proto.schedule_flush()
+        if self._in_flight:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("grace period over: cancelling calls", calls=self._in_flight)
+        for proto in list(self._connections):
+            for task in list(proto.tasks.values()):
+                task.cancel()
+        await asyncio.sleep(0)
+        for proto in list(self._connections):
+            proto.close_gracefully()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._closed.set()
+        log.info("server closed")
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(grace=0)

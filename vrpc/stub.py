@@ -1,0 +1,102 @@
+"""Typed client stubs built from a service interface.
+
+``client.stub(KeyVault)`` returns an instance of a generated subclass of ``KeyVault`` whose
+``@rpc`` methods perform calls; mypy sees it as ``KeyVault``, so every call is checked against
+the interface's exact signature. Results come back converted to the declared return type
+(dataclasses, enums, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vrpc._validation import converter_for
+from vrpc.service import MethodKind, MethodSpec, Service, describe_service
+
+if TYPE_CHECKING:
+    from vrpc.client import Client
+    from vrpc.pool import Pool
+
+__all__ = ["make_stub"]
+
+T = TypeVar("T", bound=Service)
+
+
+def _arg_packer(spec: MethodSpec, func: Any) -> Any:
+    """Map (args, kwargs) as the interface accepts them to the wire's positional list."""
+    sig = inspect.signature(func)
+    params = [p for i, p in enumerate(sig.parameters.values()) if i > 0]
+    wire_names = [p.name for p in spec.params]
+    count = len(wire_names)
+    simple = spec.stream_param is None and all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
+    )
+
+    def pack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+        if simple and not kwargs and len(args) == count:
+            return list(args), None
+        bound = sig.bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        stream = values.get(spec.stream_param) if spec.stream_param else None
+        return [values[name] for name in wire_names], stream
+
+    return pack
+
+
+def make_stub(client: Client | Pool, interface: type[T]) -> T:
+    specs = describe_service(interface)
+    namespace: dict[str, Any] = {"__slots__": (), "_vrpc_client": client}
+    for spec in specs.values():
+        declared = getattr(interface, spec.attr)
+        namespace[spec.attr] = _make_method(client, spec, declared)
+    cls = type(f"{interface.__name__}Stub", (interface,), namespace)
+    stub: T = object.__new__(cls)
+    return stub
+
+
+def _make_method(client: Client | Pool, spec: MethodSpec, declared: Any) -> Any:
+    pack = _arg_packer(spec, declared)
+    convert = converter_for(spec.result_type)
+    name = spec.full_name
+    idempotent = spec.idempotent
+    timeout = spec.timeout
+
+    if spec.kind is MethodKind.UNARY:
+
+        async def unary(self: Any, *args: Any, **kwargs: Any) -> Any:
+            wire, _ = pack(args, kwargs)
+            result = await client.call(name, wire, idempotent=idempotent, timeout=timeout)
+            return convert(result)
+
+        method: Any = unary
+    elif spec.kind is MethodKind.CLIENT_STREAM:
+
+        async def client_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
+            wire, request = pack(args, kwargs)
+            async for result in client.stream(
+                name, wire, request=request, stream_response=False, timeout=timeout, convert=convert
+            ):
+                return result
+            raise AssertionError("a client-streaming call yields its result")
+
+        method = client_stream
+    else:
+
+        def streaming(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            wire, request = pack(args, kwargs)
+            return client.stream(
+                name,
+                wire,
+                request=request if spec.kind is MethodKind.BIDI_STREAM else None,
+                timeout=timeout,
+                convert=convert,
+            )
+
+        method = streaming
+    method.__name__ = spec.attr
+    method.__qualname__ = f"{spec.service}.{spec.attr}"
+    method.__doc__ = declared.__doc__
+    return method
