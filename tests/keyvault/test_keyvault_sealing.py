@@ -1,0 +1,226 @@
+"""Sealing the key store through a local KMS with attested recipients, end to end."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from conftest import kms_client
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from services.keyvault import KeyType
+from services.keyvault.impl import KeyVaultImpl, sealer_from_env
+from services.keyvault.kms import KmsClient, KmsError
+from services.keyvault.sealing import ENCRYPTION_CONTEXT, MAGIC, KmsSealer, SealedBlob
+from services.keyvault.store import dump_keys, generate, load_keys
+from services.keyvault.testing import KmsRequestError, LocalKms
+from vrpc.exceptions import RpcError
+from vrpc.status import Status
+
+
+def make_vault(kms: LocalKms, attester: Any, key_id: str) -> KeyVaultImpl:
+    return KeyVaultImpl(sealer=KmsSealer(kms_client(kms), key_id, attester))
+
+
+async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester: Any) -> None:
+    key_arn = local_kms.create_key(alias="vault")
+    before = make_vault(local_kms, test_attester, "alias/vault")
+    ed = await before.create_key(KeyType.ED25519, "ed")
+    ecdsa = await before.create_key(KeyType.ECDSA_P256)
+    aes = await before.create_key(KeyType.AES_256_GCM, "data")
+    ed_pub = await before.public_key(ed.key_id)
+    ec_pub = await before.public_key(ecdsa.key_id)
+    old_ct = await before.encrypt(aes.key_id, b"kept secret", b"ad")
+    sealed = await before.seal()
+    assert sealed.startswith(MAGIC + b"\x01")
+    assert b"kept secret" not in sealed and b"data" not in sealed
+    del before  # the enclave restarts: a new instance with an empty store
+
+    after = make_vault(local_kms, test_attester, "alias/vault")
+    assert await after.list_keys() == []
+    restored = await after.unseal(sealed)
+    assert [k.key_id for k in restored] == [ed.key_id, ecdsa.key_id, aes.key_id]
+    assert await after.list_keys() == [ed, ecdsa, aes]
+    assert await after.decrypt(aes.key_id, old_ct, b"ad") == b"kept secret"
+    # New signatures verify under the public keys published before the restart.
+    ed_key = serialization.load_der_public_key(ed_pub)
+    ed_key.verify(await after.sign(ed.key_id, b"m"), b"m")  # type: ignore[union-attr,call-arg]
+    ec_key = serialization.load_der_public_key(ec_pub)
+    assert isinstance(ec_key, ec.EllipticCurvePublicKey)
+    ec_key.verify(await after.sign(ecdsa.key_id, b"m"), b"m", ec.ECDSA(hashes.SHA256()))
+    assert await after.public_key(ed.key_id) == ed_pub
+
+    generate_call, decrypt_call = local_kms.calls
+    assert generate_call.action == "GenerateDataKey" and decrypt_call.action == "Decrypt"
+    for call in local_kms.calls:
+        assert call.body["Recipient"]["KeyEncryptionAlgorithm"] == "RSAES_OAEP_SHA_256"
+        assert call.body["EncryptionContext"] == ENCRYPTION_CONTEXT
+        assert call.headers["content-type"] == "application/x-amz-json-1.1"
+        assert call.headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=")
+        assert "x-amz-date" in call.headers
+    assert generate_call.body["KeySpec"] == "AES_256"
+    assert SealedBlob.parse(sealed).kms_blob.find(key_arn.encode()) > 0
+
+
+async def test_unseal_is_idempotent_and_merges(local_kms: LocalKms, test_attester: Any) -> None:
+    local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, "alias/vault")
+    first = await vault.create_key(KeyType.ED25519)
+    sealed = await vault.seal()
+    second = await vault.create_key(KeyType.AES_256_GCM)
+    assert [k.key_id for k in await vault.unseal(sealed)] == [first.key_id]
+    assert [k.key_id for k in await vault.list_keys()] == [first.key_id, second.key_id]
+
+
+async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any) -> None:
+    local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, "alias/vault")
+    await vault.create_key(KeyType.ED25519)
+    sealed = await vault.seal()
+    fresh = make_vault(local_kms, test_attester, "alias/vault")
+    # The AES-GCM body: KMS answers, the enclave's AEAD check refuses.
+    body_flip = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(RpcError) as info:
+        await fresh.unseal(body_flip)
+    assert info.value.status is Status.INVALID_ARGUMENT and "corrupt" in info.value.message
+    # The KMS blob: KMS refuses it.
+    blob = SealedBlob.parse(sealed)
+    kms_flip = bytearray(sealed)
+    kms_flip[7 + len(blob.kms_blob) - 1] ^= 1
+    with pytest.raises(RpcError) as info:
+        await fresh.unseal(bytes(kms_flip))
+    assert info.value.status is Status.INVALID_ARGUMENT
+    assert info.value.details["kms_code"] == "InvalidCiphertextException"
+    # Not a blob at all: refused before any KMS call.
+    calls = len(local_kms.calls)
+    for junk in (b"", b"VRKV", b"XXXX\x01\x00\x01", b"VRKV\x02\x00\x01" + bytes(40)):
+        with pytest.raises(RpcError) as info:
+            await fresh.unseal(junk)
+        assert (
+            info.value.status is Status.INVALID_ARGUMENT and info.value.details["param"] == "sealed"
+        )
+    assert len(local_kms.calls) == calls
+    assert await fresh.list_keys() == []
+
+
+async def test_kms_refusals_map_to_statuses(local_kms: LocalKms, test_attester: Any) -> None:
+    local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, "alias/vault")
+    local_kms.refuse_next = KmsRequestError("AccessDeniedException", "key policy says no")
+    with pytest.raises(RpcError) as info:
+        await vault.seal()
+    assert info.value.status is Status.PERMISSION_DENIED
+    assert "key policy says no" in info.value.message
+    local_kms.refuse_next = KmsRequestError("KMSInternalException", "oops", 500)
+    with pytest.raises(RpcError) as info:
+        await vault.seal()
+    assert info.value.status is Status.UNAVAILABLE
+    missing = make_vault(local_kms, test_attester, "alias/missing")
+    with pytest.raises(RpcError) as info:
+        await missing.seal()
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert info.value.details["kms_code"] == "NotFoundException"
+
+
+async def test_unattested_recipient_is_refused(local_kms: LocalKms, test_attester: Any) -> None:
+    class Forger:
+        """Puts the key in a document the KMS cannot verify."""
+
+        def attest(self, *, public_key: bytes | None = None, **_: Any) -> bytes:
+            return b"not an attestation document" + (public_key or b"")
+
+    local_kms.create_key(alias="vault")
+    vault = KeyVaultImpl(sealer=KmsSealer(kms_client(local_kms), "alias/vault", Forger()))
+    with pytest.raises(RpcError) as info:
+        await vault.seal()
+    assert info.value.details["kms_code"] == "ValidationException"
+    assert "attestation document rejected" in info.value.message
+
+
+async def test_debug_enclave_is_refused_by_strict_kms(test_attester: Any, tmp_path: Any) -> None:
+    from services.keyvault.testing import attested_public_key
+    from vrpc.attestation import InsecureTestAttester, Verifier
+
+    debug = InsecureTestAttester(seed=b"keyvault-tests", debug=True, nsm_path=str(tmp_path / "n"))
+    strict = Verifier(test_attester.policy(), test_attester.trust_root())
+    async with LocalKms(recipient_check=attested_public_key(strict)) as kms:
+        kms.create_key(alias="vault")
+        vault = KeyVaultImpl(sealer=KmsSealer(kms_client(kms), "alias/vault", debug))
+        with pytest.raises(RpcError) as info:
+            await vault.seal()
+    assert "PolicyViolation" in info.value.message
+
+
+async def test_kms_answer_with_plaintext_is_refused(
+    local_kms: LocalKms, test_attester: Any
+) -> None:
+    # Something answering with the plaintext data key is not KMS honouring the Recipient.
+    original = local_kms._generate_data_key
+
+    def leaky(request: Any, recipient: Any) -> dict[str, Any]:
+        reply = original(request, recipient)
+        reply["Plaintext"] = "AAAA"
+        return reply
+
+    local_kms._generate_data_key = leaky  # type: ignore[method-assign]
+    local_kms.create_key(alias="vault")
+    client: KmsClient = kms_client(local_kms)
+    rsa_key = rsa.generate_private_key(65537, 2048).public_key()
+    spki = rsa_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    document = test_attester.attest(public_key=spki)
+    with pytest.raises(KmsError, match="plaintext"):
+        await client.generate_data_key("alias/vault", attestation_document=document)
+
+
+class PlainSealer:
+    """Identity sealing: lets merge rules be tested without KMS."""
+
+    async def seal(self, plaintext: bytes) -> bytes:
+        return plaintext
+
+    async def unseal(self, blob: bytes) -> bytes:
+        return blob
+
+
+async def test_conflicting_unseal_loads_nothing() -> None:
+    vault = KeyVaultImpl(sealer=PlainSealer())
+    info = await vault.create_key(KeyType.AES_256_GCM)
+    own = load_keys(await vault.seal())[0]
+    impostor = generate(KeyType.AES_256_GCM, None, 0)
+    clash = type(own)(own.info, impostor.material)
+    extra = generate(KeyType.ED25519, None, 0)
+    with pytest.raises(RpcError) as err:
+        await vault.unseal(dump_keys([extra, clash]))
+    assert err.value.status is Status.ALREADY_EXISTS and err.value.details["key_id"] == info.key_id
+    assert await vault.list_keys() == [info]
+    small = KeyVaultImpl(sealer=PlainSealer(), max_keys=1)
+    await small.create_key(KeyType.ED25519)
+    with pytest.raises(RpcError) as err:
+        await small.unseal(dump_keys([extra]))
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+
+
+async def test_corrupt_store_inside_valid_seal_is_data_loss() -> None:
+    vault = KeyVaultImpl(sealer=PlainSealer())
+    with pytest.raises(RpcError) as err:
+        await vault.unseal(b"\x92\x07\x90")  # msgpack [7, []]: unknown store version
+    assert err.value.status is Status.DATA_LOSS
+
+
+def test_blob_layout() -> None:
+    blob = SealedBlob.encrypt(bytes(32), b"kms-blob", b"payload")
+    magic, version, n = struct.unpack_from(">4sBH", blob)
+    assert (magic, version, n) == (b"VRKV", 1, 8)
+    assert blob[7:15] == b"kms-blob"
+    assert len(blob) == 7 + 8 + 12 + len(b"payload") + 16
+    assert SealedBlob.parse(blob).decrypt(bytes(32)) == b"payload"
+
+
+def test_sealer_from_env() -> None:
+    assert sealer_from_env(object(), {}) is None
+    sealer = sealer_from_env(object(), {"VRPC_KMS_KEY_ID": "alias/x", "AWS_REGION": "eu-west-3"})
+    assert isinstance(sealer, KmsSealer)
