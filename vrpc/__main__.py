@@ -1,0 +1,5 @@
+import sys
+
+from vrpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""``make demo``: the keyvault enclave service end to end, on a machine without Nitro.
+
+Everything here is the production code path except the attester: the server attests with the
+INSECURE test attester (clearly labelled; its root is trusted only because this demo opts in
+twice, in code and through VRPC_INSECURE_TEST_ATTESTATION=1), and KMS is a local KMS-compatible
+server on loopback that verifies the enclave's attestation document before releasing data keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+_SEED = b"vrpc-demo"
+
+
+def _say(step: str, proved: str) -> None:
+    print(f"  \u2713 {step:<34} {proved}", flush=True)
+
+
+async def _run(listen: str, connect: str) -> None:
+    os.environ["VRPC_INSECURE_TEST_ATTESTATION"] = "1"
+    import structlog
+
+    import vrpc
+    from services.echo import Echo, EchoImpl
+    from services.keyvault.impl import KeyVaultImpl
+    from services.keyvault.interface import KeyType, KeyVault
+    from services.keyvault.kms import AwsCredentials, KmsClient, StaticCredentials
+    from services.keyvault.sealing import KmsSealer
+    from services.keyvault.testing import LocalKms, attested_public_key
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(40)  # errors only: keep it readable
+    )
+    print("vrpc demo: keyvault in an enclave-style server, a host client, a local KMS")
+    print("  !! INSECURE TEST ATTESTATION: no Nitro hardware here; the test root is trusted only")
+    print("  !! because this demo opts in. Production clients trust the pinned AWS root only.\n")
+
+    attester = vrpc.InsecureTestAttester(seed=_SEED)
+    policy = attester.policy()
+    root = attester.trust_root()
+    verifier = vrpc.Verifier(policy, root)
+    async with LocalKms(recipient_check=attested_public_key(verifier)) as kms:
+        kms_key = kms.create_key(alias="vrpc-demo")
+        creds = AwsCredentials(kms.access_key_id, kms.secret_access_key, kms.session_token)
+
+        def enclave() -> vrpc.Server:
+            kms_client = KmsClient(
+                endpoint=kms.endpoint, region=kms.region, credentials=StaticCredentials(creds)
+            )
+            vault = KeyVaultImpl(sealer=KmsSealer(kms_client, kms_key, attester))
+            return vrpc.Server([vault, EchoImpl()], attester=attester)
+
+        server = enclave()
+        await server.start(listen)
+        _say("enclave server listening", f"{listen} (keyvault.v1, echo.v1)")
+
+        wrong = dataclasses.replace(policy, pcrs={**policy.pcrs, 0: b"\x9a" * 48})
+        try:
+            async with vrpc.connect(connect, policy=wrong, root=root) as bad:
+                await bad.call("vrpc.health.check", [""])
+            raise SystemExit("demo failed: a wrong PCR0 policy was accepted")
+        except vrpc.AttestationError as exc:
+            _say("wrong PCR0 policy refused", str(exc)[:72])
+
+        async with vrpc.connect(connect, policy=policy, root=root) as client:
+            claims = client.peer_claims
+            _say(
+                "attested handshake",
+                f"PCR0 {claims.pcrs[0].hex()[:16]}\u2026 pinned, session keys bound to it",
+            )
+            vault = client.stub(KeyVault)
+            signing = await vault.create_key(KeyType.ED25519, "demo-signing")
+            message = b"pay 10 EUR to alice"
+            signature = await vault.sign(signing.key_id, message)
+            ok = await vault.verify(signing.key_id, message, signature)
+            bad_ok = await vault.verify(signing.key_id, message + b"0", signature)
+            assert ok and not bad_ok
+            _say("create ed25519 key, sign, verify", f"{len(signature)}-byte signature verifies")
+            public_key = await vault.public_key(signing.key_id)
+
+            aead = await vault.create_key(KeyType.AES_256_GCM, "demo-aead")
+            ciphertext = await vault.encrypt(aead.key_id, b"card 4111-1111", b"order-42")
+            assert await vault.decrypt(aead.key_id, ciphertext, b"order-42") == b"card 4111-1111"
+            try:
+                await vault.decrypt(aead.key_id, ciphertext, b"order-43")
+                raise SystemExit("demo failed: wrong associated data accepted")
+            except vrpc.RpcError as exc:
+                _say("encrypt, decrypt (AES-256-GCM, AD)", f"wrong AD -> {exc.status.name}")
+
+            sealed = await vault.seal()
+            _say("seal key store through KMS", f"{len(sealed)} bytes, data key via attested CMS")
+
+        await server.close(grace=1.0)
+        server = enclave()
+        await server.start(listen)
+        async with vrpc.connect(connect, policy=policy, root=root) as client:
+            vault = client.stub(KeyVault)
+            restored = await vault.unseal(sealed)
+            assert await vault.public_key(signing.key_id) == public_key
+            signature2 = await vault.sign(signing.key_id, message)
+            assert await vault.verify(signing.key_id, message, signature2)
+            assert await vault.decrypt(aead.key_id, ciphertext, b"order-42") == b"card 4111-1111"
+            _say("restart, unseal through KMS", f"{len(restored)} keys back, old ciphertext opens")
+
+            echo = client.stub(Echo)
+            payload = b"x" * 64
+            done = 0
+            stop = time.perf_counter() + 1.0
+
+            async def worker() -> None:
+                nonlocal done
+                while time.perf_counter() < stop:
+                    await echo.echo(payload)
+                    done += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(64)))
+            rate = done / (time.perf_counter() - started)
+            _say(
+                "throughput (one process)",
+                f"{rate:,.0f} encrypted 64 B calls/s, 64 in flight",
+            )
+        await server.close(grace=1.0)
+    print("\ndemo finished: every step above was checked.")
+
+
+def _inner(listen: str, connect: str) -> int:
+    try:
+        import uvloop
+
+        uvloop.run(_run(listen, connect))
+    except ImportError:  # pragma: no cover
+        asyncio.run(_run(listen, connect))
+    return 0
+
+
+def main(*, vsock: bool = False, argv: list[str] | None = None) -> int:
+    if argv:  # internal: `python -m vrpc.demo LISTEN CONNECT` (used inside the vsock lab)
+        return _inner(argv[0], argv[1])
+    if vsock:
+        lab = Path(__file__).resolve().parents[1] / "scripts" / "vsock-lab"
+        if not lab.exists():
+            print("vrpc demo: --vsock needs a source checkout (scripts/vsock-lab)", file=sys.stderr)
+            return 1
+        cmd = [str(lab), sys.executable, "-m", "vrpc.demo", "vsock://ANY:50555", "vsock://1:50555"]
+        return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="vrpc-demo-") as tmp:
+        sock = f"unix://{tmp}/keyvault.sock"
+        return _inner(sock, sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main(argv=sys.argv[1:]))
