@@ -368,6 +368,19 @@ class RecordSession:
                 out.append(self._key_update_record())
             return out
         max_send = self._max_send
+        seq = self._send_seq
+        if (
+            total <= max_send
+            and not self._update_requested
+            and seq < self._ku_records
+            and self._send_bytes < self._ku_bytes
+        ):
+            # Fast path (one record, no key update due): the common case for small messages.
+            hdr = _pack_hdr(REC_DATA, total + TAG_LEN)
+            ct = aead.encrypt((self._send_iv ^ seq).to_bytes(12, "big"), plaintext, hdr)
+            self._send_seq = seq + 1
+            self._send_bytes += total
+            return [hdr + ct] if total < _JOIN_BELOW else [hdr, ct]
         with memoryview(plaintext) as mv:
             pos = 0
             while pos < total:
