@@ -1,0 +1,88 @@
+"""Length-prefixed framing: whole, byte by byte, with trailing bytes, oversize prefixes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vrpc.exceptions import FrameTooLarge
+from vrpc.proto.framing import HEADER_SIZE, FrameDecoder, encode_frame
+
+BODIES = [b"", b"a", b"hello", bytes(range(256)) * 3]
+
+
+def test_encode_frame_prefix() -> None:
+    assert encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
+    assert encode_frame(b"") == b"\x00\x00\x00\x00"
+
+
+def test_whole_stream_in_one_feed() -> None:
+    dec = FrameDecoder(1024)
+    stream = b"".join(encode_frame(b) for b in BODIES)
+    assert dec.feed(stream) == BODIES
+    assert dec.buffered == 0
+
+
+def test_byte_by_byte() -> None:
+    dec = FrameDecoder(1024)
+    stream = b"".join(encode_frame(b) for b in BODIES)
+    out: list[bytes] = []
+    for i in range(len(stream)):
+        out += dec.feed(stream[i : i + 1])
+    assert out == BODIES
+    assert dec.buffered == 0
+
+
+def test_trailing_bytes_stay_buffered() -> None:
+    dec = FrameDecoder(1024)
+    assert dec.feed(encode_frame(b"one") + b"\x00\x00") == [b"one"]
+    assert dec.buffered == 2
+    assert dec.feed(b"\x00\x02x") == []
+    assert dec.feed(b"y" + encode_frame(b"z")) == [b"xy", b"z"]
+    assert dec.buffered == 0
+
+
+def test_memoryview_and_bytearray_input() -> None:
+    dec = FrameDecoder(16)
+    assert dec.feed(memoryview(encode_frame(b"mv"))) == [b"mv"]
+    assert dec.feed(bytearray(encode_frame(b"ba"))) == [b"ba"]
+
+
+def test_oversize_prefix_raises_before_buffering_the_body() -> None:
+    dec = FrameDecoder(10)
+    assert dec.feed(encode_frame(b"x" * 10)) == [b"x" * 10]
+    with pytest.raises(FrameTooLarge):
+        dec.feed(b"\x00\x00\x00\x0b")
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder(10).feed(b"\xff\xff\xff\xff")
+
+
+def test_invalid_limit() -> None:
+    with pytest.raises(ValueError):
+        FrameDecoder(0)
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8), st.data())
+def test_any_split_gives_the_same_frames(bodies: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(encode_frame(b) for b in bodies)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    dec = FrameDecoder(64)
+    out: list[bytes] = []
+    last = 0
+    for cut in [*cuts, len(stream)]:
+        out += dec.feed(stream[last:cut])
+        last = cut
+    assert out == bodies
+    assert dec.buffered == 0
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_only_frames_or_frame_too_large(data: bytes) -> None:
+    dec = FrameDecoder(32)
+    try:
+        frames = dec.feed(data)
+    except FrameTooLarge:
+        return
+    assert all(len(f) <= 32 for f in frames)
+    assert dec.buffered <= 32 + HEADER_SIZE
