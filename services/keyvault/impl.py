@@ -13,10 +13,9 @@ vsock://ANY:5000``. Configuration comes from the environment (set in the enclave
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -36,9 +35,12 @@ from services.keyvault.interface import (
     KeyVault,
 )
 from services.keyvault.kms import KmsError
-from services.keyvault.sealing import SealedFormatError, Sealer
+from services.keyvault.sealing import Attester, SealedFormatError, Sealer
 from vrpc.exceptions import RpcError
 from vrpc.status import Status
+
+if TYPE_CHECKING:
+    from vrpc.server import Server
 
 __all__ = ["KeyVaultImpl", "create_server", "sealer_from_env"]
 
@@ -273,7 +275,7 @@ def _sealing_failed(operation: str, exc: Exception) -> NoReturn:
     raise RpcError(Status.INTERNAL, f"{operation}: {exc}", {"param": None}) from exc
 
 
-def sealer_from_env(attester: Any, environ: dict[str, str] | None = None) -> Sealer | None:
+def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -> Sealer | None:
     """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset)."""
     from services.keyvault.credentials import ParentCredentials
     from services.keyvault.forward import EnclaveForward, vsock_connector
@@ -299,10 +301,16 @@ def sealer_from_env(attester: Any, environ: dict[str, str] | None = None) -> Sea
     return KmsSealer(client, key_id, attester)
 
 
-def create_server() -> Any:
-    """The enclave's server: ``vrpc.Server([KeyVaultImpl(...)], attester=NsmAttester())``."""
+def create_server(*, attester: Attester | None = None) -> Server:
+    """The enclave's server: ``vrpc.Server([KeyVaultImpl(...)], attester=NsmAttester())``.
+
+    ``attester`` replaces the NSM attester (``vrpc serve --insecure-test-attester`` passes the
+    test attester on machines without Nitro).
+    """
     # Imported here: the server and the NSM driver are enclave-side, and importing this module
     # (tests, tooling, hosts reading the implementation) must need neither.
-    server_cls = importlib.import_module("vrpc").Server
-    attester = importlib.import_module("vrpc.attestation").NsmAttester()
-    return server_cls([KeyVaultImpl(sealer=sealer_from_env(attester))], attester=attester)
+    from vrpc.attestation import NsmAttester
+    from vrpc.server import Server
+
+    chosen: Attester = NsmAttester() if attester is None else attester
+    return Server([KeyVaultImpl(sealer=sealer_from_env(chosen))], attester=chosen)

@@ -197,3 +197,15 @@ async def test_key_material_is_not_in_repr(vault: KeyVaultImpl) -> None:
     key = vault._keys[info.key_id]
     assert key.material.hex() not in repr(key)
     assert repr(key.material) not in repr(key)
+
+
+def test_create_server_builds_a_vrpc_server(
+    test_attester: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.keyvault.impl import create_server
+    from vrpc.server import Server
+
+    monkeypatch.delenv("VRPC_KMS_KEY_ID", raising=False)
+    assert isinstance(create_server(attester=test_attester), Server)
+    monkeypatch.setenv("VRPC_KMS_KEY_ID", "alias/vault")
+    assert isinstance(create_server(attester=test_attester), Server)
