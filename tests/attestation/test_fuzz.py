@@ -79,3 +79,12 @@ def test_single_byte_changes_are_rejected(genuine: bytes, data: st.DataObject) -
     mutated = genuine[:index] + bytes([value]) + genuine[index + 1 :]
     with pytest.raises(AttestationError):
         verify_document(mutated, now=at)
+
+
+# Byte changes hypothesis once found that made cryptography raise something other than
+# ValueError (lazy field parsing, unknown key type, invalid version, a deprecation warning).
+@pytest.mark.parametrize(("index", "value"), [(3020, 0), (1308, 0), (1599, 128), (944, 1)])
+def test_certificate_corruptions_found_by_fuzzing(genuine: bytes, index: int, value: int) -> None:
+    mutated = genuine[:index] + bytes([value]) + genuine[index + 1 :]
+    with pytest.raises(AttestationError):
+        verify_document(mutated, now=document_time(genuine))

@@ -23,6 +23,7 @@ to be vouched for by the root; see docs/attestation.md for the reasoning.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,10 +32,11 @@ from typing import Any
 import cbor2
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, VerificationError
 
 from vrpc.attestation._roots import AWS_NITRO_ROOT, TrustRoot
@@ -254,9 +256,21 @@ def _parse_payload(payload_bytes: bytes) -> Claims:
 
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise MalformedDocument(f"{what}: not a DER X.509 certificate ({exc})") from exc
+        # cryptography only *warns* about some RFC 5280 violations (e.g. a non-positive serial);
+        # a strict verifier refuses them, so those warnings are raised and mapped below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
+        # cryptography parses some fields lazily; touch the ones used below so that a malformed
+        # certificate fails here, as MalformedDocument, and not later with a bare ValueError.
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions
+        cert.public_key()
+    except Exception as exc:  # ValueError, InvalidVersion, UnsupportedAlgorithm, the warning...
+        # Whatever the parser raises on attacker-supplied bytes means "not a certificate".
+        raise MalformedDocument(f"{what}: not a valid DER X.509 certificate ({exc})") from exc
+    return cert
 
 
 def _check_validity(cert: x509.Certificate, what: str, now: datetime) -> None:
@@ -290,7 +304,7 @@ def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> ec.Elliptic
     try:
         # cabundle[0] is the document's copy of the root: the anchor comes only from the Store.
         verifier.verify(leaf, bundle[1:])
-    except VerificationError as exc:
+    except (VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise ChainInvalid(
             f"certificate chain does not reach the trusted root "
             f"(expected root sha256 {root.fingerprint}; {exc})"
