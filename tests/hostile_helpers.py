@@ -1,0 +1,310 @@
+"""Helpers for the hostile-peer, fault, relay and log-hygiene tests.
+
+A real server with the insecure test attester on a Unix socket, an honest client to measure how
+the server treats good peers while a bad one misbehaves, and a hand-driven client session (the
+handshake state machine plus the record layer over a raw stream) to craft what no honest client
+would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import vrpc
+from services.echo import Echo, EchoImpl
+from vrpc.proto.connection import Connection, Role
+from vrpc.proto.handshake import ClientHandshake, HandshakeComplete
+from vrpc.proto.record import Session
+
+# A payload no protocol byte sequence would contain by accident: tests look for it in captures.
+MARKER = b"VRPC-PLAINTEXT-MARKER:" + bytes(range(0x41, 0x41 + 42))
+assert len(MARKER) == 64
+
+
+@functools.cache
+def attester() -> vrpc.InsecureTestAttester:
+    os.environ["VRPC_INSECURE_TEST_ATTESTATION"] = "1"
+    return vrpc.InsecureTestAttester(seed=b"hostile-tests")
+
+
+def client(uri: str, **options: Any) -> vrpc.Client:
+    att = attester()
+    return vrpc.connect(uri, policy=att.policy(), root=att.trust_root(), **options)
+
+
+class Slow(vrpc.Service, name="slow.v1"):
+    @vrpc.rpc
+    async def sleep(self, seconds: float) -> str:
+        raise NotImplementedError
+
+    @vrpc.rpc
+    async def boom(self) -> str:
+        raise NotImplementedError
+
+    @vrpc.rpc
+    async def block(self, seconds: float) -> str:
+        raise NotImplementedError
+
+    @vrpc.rpc
+    def ticks(self, count: int, size: int) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+
+class SlowImpl(Slow):
+    """Handlers that misbehave on purpose; records what happened to them."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.started: list[str] = []
+        self.entered = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> str:
+        self.started.append("sleep")
+        self.entered.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.append("sleep")
+            raise
+        return "slept"
+
+    async def boom(self) -> str:
+        raise ZeroDivisionError("handler bug")
+
+    async def block(self, seconds: float) -> str:
+        time.sleep(seconds)  # noqa: ASYNC251 - deliberately blocks the event loop
+        return "blocked"
+
+    async def ticks(self, count: int, size: int) -> AsyncIterator[bytes]:
+        self.started.append("ticks")
+        self.entered.set()
+        try:
+            for _ in range(count):
+                yield b"t" * size
+                await asyncio.sleep(0.01)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.append("ticks")
+            raise
+
+
+def sock_uri(tmp_path: Path, name: str = "s") -> str:
+    return f"unix://{tmp_path / (name + '.sock')}"
+
+
+def sock_path(uri: str) -> str:
+    return uri.removeprefix("unix://")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    uri: str, services: Sequence[vrpc.Service] | None = None, **options: Any
+) -> AsyncIterator[vrpc.Server]:
+    server = vrpc.Server(
+        list(services) if services is not None else [EchoImpl()], attester=attester(), **options
+    )
+    await server.start(uri)
+    try:
+        yield server
+    finally:
+        await server.close(grace=0)
+
+
+class HonestProbe:
+    """An honest client calling echo in a loop while something hostile happens; records latency."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.latencies: list[float] = []
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        async with client(self.uri, timeout=10.0) as c:
+            echo = c.stub(Echo)
+            for i in range(100_000):  # bounded; stopped long before
+                if self._stop.is_set():
+                    return
+                payload = i.to_bytes(4, "big") * 8
+                started = time.perf_counter()
+                try:
+                    got = await echo.echo(payload)
+                    assert got == payload
+                except Exception as exc:
+                    self.errors.append(exc)
+                    return
+                self.latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.005)
+
+    async def __aenter__(self) -> HonestProbe:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        # Make sure it is through its handshake before the hostile part starts.
+        for _ in range(500):
+            if self.latencies or self.errors:
+                break
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 15)
+
+    async def check(self, label: str) -> None:
+        """At least one fresh answer now, and no errors so far; prints the latency figures."""
+        before = len(self.latencies)
+        for _ in range(1000):
+            if len(self.latencies) > before or self.errors:
+                break
+            await asyncio.sleep(0.01)
+        assert not self.errors, self.errors
+        assert len(self.latencies) > before, "the honest client got no answer"
+        lat = sorted(self.latencies)
+        p50 = lat[len(lat) // 2] * 1000
+        worst = lat[-1] * 1000
+        print(f"\n[{label}] honest client: {len(lat)} calls, p50 {p50:.2f} ms, max {worst:.2f} ms")
+
+
+class RawSession:
+    """A client session driven by hand over a raw Unix stream: handshake, then records."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: Session,
+        leftover: bytes,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.session = session
+        self.conn = Connection(Role.CLIENT)
+        self._leftover = leftover
+
+    @classmethod
+    async def open(cls, uri: str, *, plaintext: bool = False) -> RawSession:
+        reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        if plaintext:
+            hs = ClientHandshake(mode="plaintext", verify=None)
+        else:
+            att = attester()
+            verifier = vrpc.Verifier(att.policy(), att.trust_root())
+
+            def verify(
+                document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
+            ) -> Any:
+                return verifier.verify(
+                    document,
+                    now=datetime.fromtimestamp(now, UTC),
+                    nonce=nonce,
+                    public_key=public_key,
+                    user_data=user_data,
+                )
+
+            hs = ClientHandshake(mode="dev-insecure", verify=verify)
+        hs.initiate()
+        writer.write(hs.data_to_send())
+        for _ in range(100):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                raise ConnectionError("server closed during the handshake")
+            for ev in hs.receive_data(data, time.time()):
+                if isinstance(ev, HandshakeComplete):
+                    writer.write(hs.data_to_send())
+                    return cls(reader, writer, ev.session, ev.trailing)
+            out = hs.data_to_send()
+            if out:
+                writer.write(out)
+        raise ConnectionError("handshake did not complete")
+
+    def send_plain(self, plaintext: bytes) -> list[bytes]:
+        """Seal ``plaintext`` (message-stream bytes) and write it; returns the wire records."""
+        records = self.session.seal(plaintext)
+        self.writer.writelines(records)
+        return records
+
+    def send_wire(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def call(self, method: str, args: list[Any], **kw: Any) -> int:
+        call_id = self.conn.start_call(method, args, now=time.monotonic(), **kw)
+        out = self.conn.data_to_send()
+        assert out is not None
+        self.send_plain(bytes(out))
+        return call_id
+
+    async def events(self, timeout: float = 5.0) -> list[Any]:
+        """Read until at least one event arrives (or EOF: then an empty list)."""
+        if self._leftover:
+            data, self._leftover = self._leftover, b""
+        else:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        for _ in range(1000):
+            if not data:
+                return []
+            plain = self.session.receive(data)
+            if plain:
+                evs = self.conn.receive_data(plain, time.monotonic())
+                if evs:
+                    return evs
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        raise AssertionError("no event")
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True once the server closed the stream (reads until EOF or a reset)."""
+        try:
+            for _ in range(10_000):
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        return False
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` every 10 ms; True as soon as it holds."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(predicate())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+__all__ = [
+    "MARKER",
+    "Echo",
+    "EchoImpl",
+    "HonestProbe",
+    "RawSession",
+    "Slow",
+    "SlowImpl",
+    "attester",
+    "client",
+    "fd_count",
+    "rss_bytes",
+    "serving",
+    "sock_path",
+    "sock_uri",
+    "wait_until",
+]
