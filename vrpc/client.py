@@ -341,6 +341,25 @@ class Client:
     ) -> Any:
         """Call ``service.method`` with positional ``args``; returns the decoded result."""
         options = _options.get()
+        proto = self._proto
+        if (
+            options is None
+            and timeout is None
+            and metadata is None
+            and self.timeout is None
+            and not self.interceptors
+            and proto is not None
+            and not proto.draining
+            and not proto.closed
+            and _current.get(None) is None
+        ):
+            # The common case, kept to one coroutine frame: no deadline, no metadata, an
+            # established connection. Anything else (and any retry) takes the general path.
+            try:
+                return await self._unary_once(method, args, None, None, None, proto)
+            except RpcError as exc:
+                if not idempotent or exc.status is not Status.UNAVAILABLE:
+                    raise
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
             metadata = options.metadata
@@ -385,8 +404,10 @@ class Client:
         timeout: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
+        proto: _ClientConnection | None = None,
     ) -> Any:
-        proto = await self._connection()
+        if proto is None or monotonic() - proto.established_at >= self.max_session_age:
+            proto = await self._connection()
         conn = proto.conn
         call_id = conn.start_call(method, args, now=monotonic(), timeout=timeout, metadata=metadata)
         future: asyncio.Future[Any] = proto.loop.create_future()

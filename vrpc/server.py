@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
@@ -53,12 +54,15 @@ class ServerInterceptor(Protocol):
 
 
 class _Method:
-    __slots__ = ("binder", "handler", "spec")
+    __slots__ = ("bind", "handler", "spec", "streams_request", "streams_response")
 
     def __init__(self, spec: MethodSpec, handler: Callable[..., Any]) -> None:
         self.spec = spec
         self.handler = handler
-        self.binder = ArgumentBinder(spec)
+        self.bind = ArgumentBinder(spec).bind
+        # Read once here: the per-call path only tests these two booleans.
+        self.streams_request = spec.kind.streams_request
+        self.streams_response = spec.kind.streams_response
 
 
 class InboundStream:
@@ -192,31 +196,29 @@ class _ServerConnection(ShellProtocol):
             )
             server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
             return
-        spec = method.spec
-        if ev.stream_request != spec.kind.streams_request:
+        if ev.stream_request != method.streams_request:
             self.conn.send_error(
-                call_id, Status.INVALID_ARGUMENT, f"{ev.method} is a {spec.kind.value} method"
+                call_id,
+                Status.INVALID_ARGUMENT,
+                f"{ev.method} is a {method.spec.kind.value} method",
             )
             return
         try:
-            args = method.binder.bind(ev.args)
+            args = method.bind(ev.args)
         except RpcError as exc:
             self.conn.send_error(call_id, exc.status, exc.message, exc.details)
             server.metrics.record(ev.method, exc.status, 0.0)
             return
-        if spec.kind.streams_request:
+        if method.streams_request:
             from vrpc._validation import converter_for
 
-            stream = InboundStream(self, call_id, converter_for(spec.request_item_type))
+            item_type = method.spec.request_item_type
+            stream = InboundStream(self, call_id, converter_for(item_type))
             self.inbound[call_id] = stream
             args.append(stream)
         deadline = None if ev.timeout is None else monotonic() + ev.timeout
         ctx = CallContext(
-            ev.method,
-            ev.metadata,
-            self.peer,
-            deadline,
-            lambda md: self._send_headers(call_id, md),
+            ev.method, ev.metadata, self.peer, deadline, partial(self._send_headers, call_id)
         )
         server._in_flight += 1
         self.tasks[call_id] = self.loop.create_task(self._run(method, call_id, args, ctx))
@@ -230,15 +232,20 @@ class _ServerConnection(ShellProtocol):
         _current.set(ctx)
         started = monotonic()
         status = Status.OK
-        spec = method.spec
         try:
-            if spec.kind.streams_response:
-                invoke: CallNext = lambda: self._pump(method, call_id, args)  # noqa: E731
+            if server.interceptors:
+                if method.streams_response:
+                    invoke: CallNext = lambda: self._pump(method, call_id, args)  # noqa: E731
+                else:
+                    invoke = lambda: method.handler(*args)  # noqa: E731
+                for interceptor in reversed(server.interceptors):
+                    invoke = _bind_interceptor(interceptor, ctx, invoke)
+                result = await invoke()
+            elif method.streams_response:
+                await self._pump(method, call_id, args)
+                result = None
             else:
-                invoke = lambda: method.handler(*args)  # noqa: E731
-            for interceptor in reversed(server.interceptors):
-                invoke = _bind_interceptor(interceptor, ctx, invoke)
-            result = await invoke()
+                result = await method.handler(*args)
         except RpcError as exc:
             status = exc.status
             self.conn.send_error(
@@ -255,7 +262,7 @@ class _ServerConnection(ShellProtocol):
             log.exception("handler failed", method=ctx.method, peer=self.peer_address)
             self.conn.send_error(call_id, Status.INTERNAL, "internal error")
         else:
-            if spec.kind.streams_response:
+            if method.streams_response:
                 result = None
             self.conn.send_response(call_id, result, ctx.trailers or None)
         finally:
@@ -266,8 +273,10 @@ class _ServerConnection(ShellProtocol):
             self.inbound.pop(call_id, None)
             self.credit_gates.pop(call_id, None)
             if not self.closed:
-                self.schedule_flush()
-                self.arm_timer()
+                if self._flush_handle is None:
+                    self._flush_handle = self.loop.call_soon(self.flush)
+                if ctx.deadline is not None:
+                    self.arm_timer()
             server._call_finished(ctx.method, status, monotonic() - started)
 
     async def _pump(self, method: _Method, call_id: int, args: list[Any]) -> None:
