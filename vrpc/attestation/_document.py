@@ -22,6 +22,7 @@ to be vouched for by the root; see docs/attestation.md for the reasoning.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -254,42 +255,50 @@ def _parse_payload(payload_bytes: bytes) -> Claims:
     )
 
 
-def _load_cert(der: bytes, what: str) -> x509.Certificate:
+def _parse_cert(der: bytes) -> x509.Certificate:
+    # cryptography only *warns* about some RFC 5280 violations (e.g. a non-positive serial);
+    # a strict verifier refuses them, so those warnings are raised as errors here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        cert = x509.load_der_x509_certificate(der)
+    # Some fields are parsed lazily; touching them now makes a malformed certificate fail here
+    # rather than later, in the middle of the chain checks, with an unrelated exception.
+    _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+    _ = cert.extensions
+    cert.public_key()
+    return cert
+
+
+# The cabundle repeats across every document of an instance (its intermediates live for days),
+# so CA certificates are parsed once per exact DER bytes; failures are not cached.
+_parse_ca_cert = functools.lru_cache(maxsize=64)(_parse_cert)
+
+
+def _load_cert(der: bytes, what: str, *, ca: bool) -> x509.Certificate:
     try:
-        # cryptography only *warns* about some RFC 5280 violations (e.g. a non-positive serial);
-        # a strict verifier refuses them, so those warnings are raised and mapped below.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", CryptographyDeprecationWarning)
-            cert = x509.load_der_x509_certificate(der)
-        # cryptography parses some fields lazily; touch the ones used below so that a malformed
-        # certificate fails here, as MalformedDocument, and not later with a bare ValueError.
-        cert.subject.rfc4514_string()
-        cert.issuer.rfc4514_string()
-        _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions
-        cert.public_key()
-    except Exception as exc:  # ValueError, InvalidVersion, UnsupportedAlgorithm, the warning...
+        return _parse_ca_cert(der) if ca else _parse_cert(der)
+    except Exception as exc:  # ValueError, InvalidVersion, UnsupportedAlgorithm, the warning
         # Whatever the parser raises on attacker-supplied bytes means "not a certificate".
         raise MalformedDocument(f"{what}: not a valid DER X.509 certificate ({exc})") from exc
-    return cert
 
 
 def _check_validity(cert: x509.Certificate, what: str, now: datetime) -> None:
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     if not not_before <= now <= not_after:
         raise CertificateExpired(
-            f"{what} is not valid at {now.isoformat()} "
+            f"{what} ({cert.subject.rfc4514_string()}) is not valid at {now.isoformat()} "
             f"(valid from {not_before.isoformat()} to {not_after.isoformat()})"
         )
 
 
 def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> ec.EllipticCurvePublicKey:
-    leaf = _load_cert(claims.certificate, "certificate")
-    bundle = [_load_cert(der, f"cabundle[{i}]") for i, der in enumerate(claims.cabundle)]
+    leaf = _load_cert(claims.certificate, "certificate", ca=False)
+    bundle = [_load_cert(der, f"cabundle[{i}]", ca=True) for i, der in enumerate(claims.cabundle)]
     # Explicit validity checks first: they give a readable CertificateExpired naming the
     # certificate; the path validation below would also refuse, with a terser message.
     _check_validity(leaf, "leaf certificate", now)
     for i, cert in enumerate(bundle):
-        _check_validity(cert, f"cabundle[{i}] ({cert.subject.rfc4514_string()})", now)
+        _check_validity(cert, f"cabundle[{i}]", now)
     # Nitro leaves lack SAN and AKI, so the end-entity policy is permit_all; CA certificates keep
     # the full WebPKI CA profile (basicConstraints, keyUsage, AKI on intermediates).
     verifier = (
