@@ -266,7 +266,19 @@ class ShellProtocol(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(exc)
             self.ready.exception()
-        self.abort(None, "handshake failed")
+        # The handshake queues a one-byte alert (e.g. "mode refused") so the peer learns why;
+        # close() (not abort) lets it leave before the socket closes.
+        alert = b""
+        if self.handshake is not None:
+            try:
+                alert = self.handshake.data_to_send()
+            except Exception:
+                alert = b""
+        if self.transport is not None and not self.transport.is_closing():
+            if alert:
+                self.transport.write(alert)
+            self.transport.close()
+        self.closed = True
 
     # ------------------------------------------------------------------ output
 
