@@ -278,3 +278,15 @@ def test_recorded_production_document_fails_a_wrong_pin() -> None:
     document = vector("blocky_nitro_attestation.cbor")
     with pytest.raises(PolicyViolation, match="PCR0 mismatch"):
         Verifier(Policy(pcrs={0: P0})).verify(document, now=document_time(document))
+
+
+def test_pins_and_claims_are_read_only() -> None:
+    policy = Policy(pcrs={0: P0})
+    with pytest.raises(TypeError):
+        policy.pcrs[0] = P1  # type: ignore[index]
+    document = vector("evervault_beta_valid.cbor")
+    from vrpc.attestation import verify_document
+
+    verified = verify_document(document, now=document_time(document))
+    with pytest.raises(TypeError):
+        verified.pcrs[0] = P1  # type: ignore[index]

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import cbor2
@@ -246,7 +247,8 @@ def _parse_payload(payload_bytes: bytes) -> Claims:
         module_id=module_id,
         digest=digest,
         timestamp_ms=timestamp,
-        pcrs=dict(sorted(pcrs.items())),
+        # Read-only view: Claims is frozen and its PCRs must not be edited after verification.
+        pcrs=MappingProxyType(dict(sorted(pcrs.items()))),
         certificate=certificate,
         cabundle=tuple(cabundle),
         public_key=_optional_bytes(payload, "public_key", 1),

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from vrpc.attestation._document import Claims
@@ -73,7 +74,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         pinned = dict(_pcr_bytes(i, v) for i, v in self.pcrs.items())
-        object.__setattr__(self, "pcrs", dict(sorted(pinned.items())))
+        object.__setattr__(self, "pcrs", MappingProxyType(dict(sorted(pinned.items()))))
         if not (isinstance(self.max_age, int | float) and math.isfinite(self.max_age)):
             raise LocalProtocolError(f"max_age must be a finite number, got {self.max_age!r}")
         if self.max_age < 0:
