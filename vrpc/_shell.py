@@ -242,6 +242,8 @@ class ShellProtocol(asyncio.Protocol):
         self.mode = done.mode
         self.handshake = None
         self.conn.start_clock(monotonic())
+        # Idle and keepalive timing must run even if no call ever arrives on this connection.
+        self.arm_timer()
         self.on_established()
         if not self.ready.done():
             self.ready.set_result(None)

@@ -358,8 +358,12 @@ class Client:
             try:
                 return await self._unary_once(method, args, None, None, None, proto)
             except RpcError as exc:
-                if not idempotent or exc.status is not Status.UNAVAILABLE:
+                if not idempotent or exc.status is not Status.UNAVAILABLE or self.retries < 1:
                     raise
+                # That was the first of the 1 + retries attempts: only the retries remain.
+                log.info("retrying idempotent call", method=method, reason=exc.message)
+                await asyncio.sleep(0.02)
+                return await self._unary(method, args, idempotent, None, None, None, first=1)
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
             metadata = options.metadata
@@ -381,10 +385,11 @@ class Client:
         timeout: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
+        first: int = 0,
     ) -> Any:
         attempts = 1 + (self.retries if idempotent else 0)
         started = monotonic()
-        for attempt in range(attempts):
+        for attempt in range(first, attempts):
             remaining = None if timeout is None else timeout - (monotonic() - started)
             if remaining is not None and remaining <= 0:
                 raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
