@@ -189,7 +189,13 @@ class Connection:
         out = self._out
         start = len(out)
         out += b"\x00\x00\x00\x00"
-        _encoder.encode_into(message, out, start + 4)
+        try:
+            _encoder.encode_into(message, out, start + 4)
+        except BaseException:
+            # An unencodable value must not leave a zero-length prefix (or a partial body) in
+            # the stream: every later frame would be misread by the peer.
+            del out[start:]
+            raise
         size = len(out) - start - 4
         if size > self.max_send_message_size:
             del out[start:]
@@ -265,6 +271,11 @@ class Connection:
             self._emit((1, call_id, result, trailers))
         except RpcError as exc:
             self._emit((2, call_id, int(exc.status), exc.message, None, trailers))
+        except (TypeError, ValueError, OverflowError):
+            # The call is already forgotten: it must still get an answer, not hang.
+            self._emit(
+                (2, call_id, int(Status.INTERNAL), "result could not be encoded", None, None)
+            )
 
     def send_error(
         self,
@@ -278,7 +289,7 @@ class Connection:
             return
         try:
             self._emit((2, call_id, int(status), message, details, trailers))
-        except (RpcError, TypeError):
+        except (RpcError, TypeError, ValueError, OverflowError):
             # Unencodable or oversize details must not lose the status itself.
             self._emit((2, call_id, int(status), message, None, None))
 
