@@ -317,3 +317,25 @@ def test_uvloop(serve: Serve, tmp_path: Path, transport: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+class Odd(vrpc.Service, name="odd.v1"):
+    @vrpc.rpc
+    async def weird(self) -> Any: ...
+
+
+class OddImpl(Odd):
+    async def weird(self) -> Any:
+        return object()  # msgpack cannot carry it
+
+
+async def test_unencodable_result_is_internal_and_the_connection_survives(
+    serve: Serve, uri: str
+) -> None:
+    async with serve(uri, [OddImpl(), DemoImpl()]) as (_, client):
+        with pytest.raises(vrpc.RpcError) as info:
+            await asyncio.wait_for(client.call("odd.v1.weird", []), 5)
+        assert info.value.status is vrpc.Status.INTERNAL
+        proto = client._proto
+        assert await client.stub(Demo).add(1) == 2
+        assert client._proto is proto
