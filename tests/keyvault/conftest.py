@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from services.keyvault.impl import KeyVaultImpl
-from services.keyvault.kms import AwsCredentials, KmsClient, StaticCredentials
 from services.keyvault.testing import LocalKms, attested_public_key
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors"
@@ -46,14 +45,3 @@ async def local_kms(test_attester: Any) -> AsyncIterator[LocalKms]:
     verifier = Verifier(test_attester.policy(), test_attester.trust_root())
     async with LocalKms(recipient_check=attested_public_key(verifier)) as kms:
         yield kms
-
-
-def kms_client(kms: LocalKms, **overrides: Any) -> KmsClient:
-    creds = AwsCredentials(kms.access_key_id, kms.secret_access_key, kms.session_token)
-    args: dict[str, Any] = {
-        "endpoint": kms.endpoint,
-        "region": kms.region,
-        "credentials": StaticCredentials(creds),
-    }
-    args.update(overrides)
-    return KmsClient(**args)

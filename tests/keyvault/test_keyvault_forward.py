@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import kms_client
+from keyvault_helpers import kms_client
 
 from services.keyvault import KeyType
 from services.keyvault.credentials import (

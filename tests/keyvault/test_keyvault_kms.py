@@ -7,9 +7,9 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from conftest import kms_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from keyvault_helpers import kms_client
 
 from services.keyvault.cms import open_envelope
 from services.keyvault.kms import KmsClient, KmsError, TcpRoute, read_response

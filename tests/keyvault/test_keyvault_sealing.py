@@ -6,9 +6,9 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import kms_client
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from keyvault_helpers import kms_client
 
 from services.keyvault import KeyType
 from services.keyvault.impl import KeyVaultImpl, sealer_from_env
