@@ -142,8 +142,8 @@ class _ServerConnection(ShellProtocol):
 
     def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
         self.server._connections.discard(self)
-        for task in self.tasks.values():
-            task.cancel()
+        for call_id, task in list(self.tasks.items()):
+            self.cancel_task(call_id, task)
         for gate in self.credit_gates.values():
             gate.open()
         log.info(
@@ -170,7 +170,7 @@ class _ServerConnection(ShellProtocol):
             elif kind is CallCancelled:
                 task = self.tasks.get(ev.call_id)  # type: ignore[attr-defined]
                 if task is not None:
-                    task.cancel()
+                    self.cancel_task(ev.call_id, task)  # type: ignore[attr-defined]
             elif kind is CreditAvailable:
                 gate = self.credit_gates.get(ev.call_id)  # type: ignore[attr-defined]
                 if gate is not None:
@@ -222,6 +222,25 @@ class _ServerConnection(ShellProtocol):
         )
         server._in_flight += 1
         self.tasks[call_id] = self.loop.create_task(self._run(method, call_id, args, ctx))
+
+    def cancel_task(self, call_id: int, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never enters _run, so _run's cleanup never
+        # happens (a REQUEST and its CANCEL often arrive in one read): do it when it ends.
+        task.cancel()
+        task.add_done_callback(lambda _: self._forget(call_id))
+
+    def _forget(self, call_id: int) -> None:
+        if self.tasks.pop(call_id, None) is None:
+            return  # _run ran and cleaned up
+        server = self.server
+        server._in_flight -= 1
+        if not server._in_flight and server._draining:
+            server._idle.set()
+        self.inbound.pop(call_id, None)
+        self.credit_gates.pop(call_id, None)
+        if self.conn.is_active(call_id):
+            self.conn.send_error(call_id, Status.CANCELLED, "call cancelled by the server")
+            self.schedule_flush()
 
     def _send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
         self.conn.send_headers(call_id, metadata)
@@ -459,8 +478,8 @@ class Server:
             except TimeoutError:
                 log.warning("grace period over: cancelling calls", calls=self._in_flight)
         for proto in list(self._connections):
-            for task in list(proto.tasks.values()):
-                task.cancel()
+            for call_id, task in list(proto.tasks.items()):
+                proto.cancel_task(call_id, task)
         await asyncio.sleep(0)
         for proto in list(self._connections):
             proto.close_gracefully()
