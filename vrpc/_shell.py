@@ -115,6 +115,10 @@ class ShellProtocol(asyncio.Protocol):
         except RemoteProtocolError as exc:
             self.abort(exc, "protocol violation")
             return
+        except RecursionError:
+            # msgspec refuses deeply nested input with RecursionError, not DecodeError.
+            self.abort(RemoteProtocolError("message nested too deeply"), "protocol violation")
+            return
         self.schedule_flush()
         self.arm_timer()
 
