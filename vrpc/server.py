@@ -140,6 +140,19 @@ class _ServerConnection(ShellProtocol):
         if self.server._draining:
             self.conn.goaway("server is shutting down")
 
+    # A peer that sends requests but never reads the responses would otherwise make the server
+    # buffer every response: stop reading it while its responses cannot leave. Only the server
+    # does this (a client always reads), so two peers can never wait on each other.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
         self.server._connections.discard(self)
         for call_id, task in list(self.tasks.items()):
