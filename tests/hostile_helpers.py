@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import time
+import typing
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,6 +177,8 @@ class HonestProbe:
 class RawSession:
     """A client session driven by hand over a raw Unix stream: handshake, then records."""
 
+    opened: typing.ClassVar[list[asyncio.StreamWriter]] = []
+
     def __init__(
         self,
         reader: asyncio.StreamReader,
@@ -192,6 +195,7 @@ class RawSession:
     @classmethod
     async def open(cls, uri: str, *, plaintext: bool = False) -> RawSession:
         reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        cls.opened.append(writer)
         if plaintext:
             hs = ClientHandshake(mode="plaintext", verify=None)
         else:
@@ -241,6 +245,12 @@ class RawSession:
         self.send_plain(bytes(out))
         return call_id
 
+    def send_request_body(self, body: bytes) -> None:
+        """Send a hand-encoded REQUEST body as call 1 (registered so its answer is delivered)."""
+        self.conn.start_call("placeholder", [], now=time.monotonic())
+        self.conn.data_to_send()  # dropped: ``body`` goes instead
+        self.send_plain(len(body).to_bytes(4, "big") + body)
+
     async def events(self, timeout: float = 5.0) -> list[Any]:
         """Read until at least one event arrives (or EOF: then an empty list)."""
         if self._leftover:
@@ -271,6 +281,14 @@ class RawSession:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+    @classmethod
+    async def close_all(cls) -> None:
+        """Test teardown: close every raw stream a test opened, whatever happened to it."""
+        writers, cls.opened[:] = list(cls.opened), []
+        for writer in writers:
+            writer.transport.abort()
+        await asyncio.sleep(0)
 
 
 async def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
