@@ -34,6 +34,7 @@ class _Pipe(asyncio.Protocol):
         self.peer: _Pipe | None = None
         self.early: list[bytes] = []
         self.closed = False
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -47,9 +48,17 @@ class _Pipe(asyncio.Protocol):
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
-        peer = self.peer.transport if self.peer is not None else None
-        if peer is not None and peer.can_write_eof():
-            peer.write_eof()
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return False
+        if peer.eof:
+            # Both directions have ended: nothing more can flow, release both sides (a half-closed
+            # pair would otherwise stay open forever, holding two descriptors).
+            peer.transport.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
             return True  # keep our write side open for the answer
         return False
 
