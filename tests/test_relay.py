@@ -144,8 +144,8 @@ async def test_fifty_concurrent_connections(relayed: tuple[str, str, Relay]) -> 
 
 
 async def test_client_closing_closes_the_upstream(relayed: tuple[str, str, Relay]) -> None:
-    server_uri, relay_uri, relay = relayed
-    reader, writer = await asyncio.open_unix_connection(sock_path(relay_uri))
+    _server_uri, relay_uri, relay = relayed
+    _reader, writer = await asyncio.open_unix_connection(sock_path(relay_uri))
     writer.write(b"\x01")  # anything: the relay has no idea what it is
     assert await wait_until(lambda: relay.active_pipes == 2)
     writer.close()
