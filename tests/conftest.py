@@ -112,3 +112,15 @@ def server_at(insecure_env: None) -> Callable[..., Any]:
 def new_client(insecure_env: None) -> Callable[..., vrpc.Client]:
     """``new_client(uri, **options)``: an unconnected client trusting the test attester."""
     return client_for
+
+
+@pytest.fixture
+def attester(insecure_env: None) -> vrpc.InsecureTestAttester:
+    """The session's insecure test attester (the environment opt-in is set)."""
+    return test_attester()
+
+
+@pytest.fixture
+def uri_on() -> Callable[[str, Path], str]:
+    """``uri_on(transport, tmp_path)``: a fresh address on a given transport."""
+    return make_uri

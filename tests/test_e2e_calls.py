@@ -698,20 +698,19 @@ async def servers(
         yield out
 
 
-def pool_for(uris: list[str]) -> vrpc.Pool:
-    from conftest import test_attester  # type: ignore[import-not-found]
-
-    att = test_attester()
+def pool_for(uris: list[str], att: vrpc.InsecureTestAttester) -> vrpc.Pool:
     return vrpc.Pool(uris, policy=att.policy(), root=att.trust_root(), health_interval=60)
 
 
 async def test_pool_routes_to_the_least_outstanding(
-    server_at: Callable[..., Any], new_uri: Callable[[], str]
+    server_at: Callable[..., Any],
+    new_uri: Callable[[], str],
+    attester: vrpc.InsecureTestAttester,
 ) -> None:
     impls = [CallsImpl(str(i)) for i in range(3)]
     async with (
         servers(server_at, new_uri, impls) as running,
-        pool_for([u for u, _ in running]) as pool,
+        pool_for([u for u, _ in running], attester) as pool,
     ):
         stub = pool.stub(Calls)
         tasks = [asyncio.create_task(stub.hold()) for _ in range(3)]
@@ -728,14 +727,16 @@ async def test_pool_routes_to_the_least_outstanding(
 
 
 async def test_pool_fails_over_when_an_endpoint_closes(
-    server_at: Callable[..., Any], new_uri: Callable[[], str]
+    server_at: Callable[..., Any],
+    new_uri: Callable[[], str],
+    attester: vrpc.InsecureTestAttester,
 ) -> None:
     impls = [CallsImpl(str(i)) for i in range(2)]
     for impl in impls:
         impl.release.set()
     async with (
         servers(server_at, new_uri, impls) as running,
-        pool_for([u for u, _ in running]) as pool,
+        pool_for([u for u, _ in running], attester) as pool,
     ):
         stub = pool.stub(Calls)
         await asyncio.gather(*(stub.flaky(0) for _ in range(4)))
@@ -749,10 +750,10 @@ async def test_pool_fails_over_when_an_endpoint_closes(
 
 
 async def test_pool_with_no_reachable_endpoint(
-    insecure_env: None, new_uri: Callable[[], str]
+    attester: vrpc.InsecureTestAttester, new_uri: Callable[[], str]
 ) -> None:
     with pytest.raises(vrpc.RpcError) as info:
-        async with pool_for([new_uri()]):
+        async with pool_for([new_uri()], attester):
             pass
     assert info.value.status is vrpc.Status.UNAVAILABLE
 

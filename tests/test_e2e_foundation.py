@@ -290,18 +290,16 @@ async def test_server_without_builtins(serve: Serve) -> None:
             assert info.value.status is vrpc.Status.UNIMPLEMENTED
 
 
-def test_a_method_served_twice_is_refused(insecure_env: None) -> None:
-    from conftest import test_attester  # type: ignore[import-not-found]
-
+def test_a_method_served_twice_is_refused(attester: vrpc.InsecureTestAttester) -> None:
     with pytest.raises(ValueError, match="served twice"):
-        vrpc.Server([DemoImpl(), DemoImpl()], attester=test_attester())
+        vrpc.Server([DemoImpl(), DemoImpl()], attester=attester)
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_uvloop(serve: Serve, tmp_path: Path, transport: str) -> None:
-    from conftest import make_uri  # type: ignore[import-not-found]
-
-    uri = make_uri(transport, tmp_path)
+def test_uvloop(
+    serve: Serve, uri_on: Callable[[str, Path], str], tmp_path: Path, transport: str
+) -> None:
+    uri = uri_on(transport, tmp_path)
 
     async def scenario() -> None:
         assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
