@@ -74,6 +74,9 @@ class ShellProtocol(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._pending_input: list[bytes] = []
         self._attesting = False
+        # The transport ended before the handshake did (reset, server restarting): no verdict on
+        # the peer was reached, so a client may try again with a fresh handshake.
+        self.lost_in_handshake = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -136,6 +139,7 @@ class ShellProtocol(asyncio.Protocol):
         self.closed = True
         self.write_gate.open()
         if not self.ready.done():
+            self.lost_in_handshake = True
             self.ready.set_exception(
                 HandshakeError("the connection closed during the handshake")
                 if exc is None

@@ -273,7 +273,20 @@ class Client:
             assert isinstance(proto, _ClientConnection)
             try:
                 await proto.ready
-            except (AttestationError, HandshakeError):
+            except HandshakeError as exc:
+                if not proto.lost_in_handshake:
+                    raise  # fail closed; never retried silently
+                if time.monotonic() + delay > give_up:
+                    raise RpcError(
+                        Status.UNAVAILABLE,
+                        f"cannot connect to {self.uri} after {attempt} attempts: {exc}",
+                    ) from exc
+                # Only the transport failed (e.g. a server restarting): same backoff as above.
+                log.info("connection lost during the handshake", address=self.uri, error=str(exc))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+                continue
+            except AttestationError:
                 raise  # fail closed; never retried silently
             except RemoteProtocolError as exc:
                 raise HandshakeError(str(exc)) from exc
