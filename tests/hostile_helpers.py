@@ -326,3 +326,8 @@ __all__ = [
     "sock_uri",
     "wait_until",
 ]
+
+
+def subprocess_server(attester: Any = None) -> vrpc.Server:
+    """``vrpc serve hostile_helpers:subprocess_server`` target for the kill-mid-call test."""
+    return vrpc.Server([SlowImpl(), EchoImpl()], attester=attester)
