@@ -14,7 +14,6 @@ over a Unix socket in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -234,15 +233,17 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    """Profile the vrpc server process (uvloop, encrypted) under 64 B x 64 and 1 MiB x 4 loads."""
+    """Profile vrpc's server and client processes (uvloop, encrypted) under 64 B x 64,
+    64 B x 1 and 1 MiB x 4 loads."""
     out = Path(args.out) if args.out else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.seconds
-    loads = [("64Bx64", 64, 64), ("1MiBx4", 1024 * 1024, 4)]
+    loads = [("64Bx64", 64, 64), ("64Bx1", 64, 1), ("1MiBx4", 1024 * 1024, 4)]
     with tempfile.TemporaryDirectory(prefix="vrpc-profile-") as tmp:
         for name, size, conc in loads:
             target = out / f"profile-server-{name}.txt"
             spec = {
+                "profile_out": str(out / f"profile-client-{name}.txt"),
                 "runs": 1,
                 "duration": seconds,
                 "warmup": 0.2,
@@ -250,8 +251,7 @@ def run_profile(args: argparse.Namespace) -> int:
             }
             rows = run_pair("vrpc", "uvloop", spec, Path(tmp), profile_out=target)
             _say(f"{name}: {report.row_line(rows[0])} (under the profiler)")
-            with contextlib.suppress(FileNotFoundError):
-                _say(f"wrote {target} and {target}.flat")
+            _say(f"wrote {target}, {spec['profile_out']} (and .flat versions)")
     return 0
 
 

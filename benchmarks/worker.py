@@ -12,13 +12,14 @@ process is never asked anything while it is being measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,27 @@ def _write_ready(ready: str) -> None:
     Path(ready).write_text(str(os.getpid()))
 
 
-def run_server(system: str, loop: str, path: str, ready: str, profile_out: str | None) -> None:
-    profiler = None
-    if profile_out:
-        from pyinstrument import Profiler
+@contextlib.contextmanager
+def profiled(out: str | None) -> Iterator[None]:
+    """Sample the whole process (event loop included) with pyinstrument when ``out`` is set."""
+    if not out:
+        yield
+        return
+    from pyinstrument import Profiler
 
-        profiler = Profiler(interval=0.0002, async_mode="disabled")
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        yield
+    finally:
+        profiler.stop()
+        tree = profiler.output_text(unicode=True, time="percent_of_total", show_all=True)
+        Path(out).write_text(tree)
+        flat = profiler.output_text(unicode=True, time="percent_of_total", flat=True)
+        Path(out + ".flat").write_text(flat)
+
+
+def run_server(system: str, loop: str, path: str, ready: str, profile_out: str | None) -> None:
     if system == "blocking-echo":
         from benchmarks.blocking_echo import serve_forever
 
@@ -107,18 +123,8 @@ def run_server(system: str, loop: str, path: str, ready: str, profile_out: str |
         Path(ready).write_text(str(os.getpid()))  # noqa: ASYNC240
         await task
 
-    if profiler is not None:
-        profiler.start()
-    try:
+    with profiled(profile_out):
         _run(loop, main())
-    finally:
-        if profiler is not None:
-            assert profile_out is not None
-            profiler.stop()
-            Path(profile_out).write_text(profiler.output_text(unicode=True, color=False))
-            Path(profile_out + ".flat").write_text(
-                profiler.output_text(unicode=True, color=False, flat=True)
-            )
 
 
 # ---------------------------------------------------------------------------------- client
@@ -338,7 +344,8 @@ def run_client(
         async def main() -> None:
             rows.extend(await _client_main(system, path, server_pid, spec))
 
-        _run(loop, main())
+        with profiled(spec.get("profile_out")):
+            _run(loop, main())
     Path(out_file).write_text(json.dumps(rows))
 
 
