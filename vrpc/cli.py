@@ -105,7 +105,14 @@ async def _call(args: argparse.Namespace) -> int:
         raise ValueError(f"--args is not valid JSON: {exc}") from None
     if not isinstance(call_args, list):
         call_args = [call_args]
-    async with Client(args.uri, timeout=args.timeout, **_trust_kwargs(args)) as client:
+    async with Client(
+        args.uri, timeout=args.timeout, connect_timeout=args.timeout, **_trust_kwargs(args)
+    ) as client:
+        if args.stream:
+            # One JSON document per line, as the items arrive.
+            async for item in client.stream(args.method, call_args):
+                print(jsonio.dumps(item), flush=True)
+            return 0
         result = await client.call(args.method, call_args)
     print(jsonio.dumps(result))
     return 0
@@ -114,7 +121,9 @@ async def _call(args: argparse.Namespace) -> int:
 async def _describe(args: argparse.Namespace) -> int:
     from vrpc.client import Client
 
-    async with Client(args.uri, timeout=args.timeout, **_trust_kwargs(args)) as client:
+    async with Client(
+        args.uri, timeout=args.timeout, connect_timeout=args.timeout, **_trust_kwargs(args)
+    ) as client:
         services = await client.call("vrpc.reflection.list_services", [])
     for service in sorted(services):
         print(service)
@@ -161,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--args", default="[]", help='JSON list of arguments; bytes as {"$b64": "..."}'
     )
+    call.add_argument(
+        "--stream", action="store_true", help="server-streaming method: print one line per item"
+    )
     _add_client_options(call)
     call.set_defaults(func=_call, run_async=True)
 
@@ -202,8 +214,18 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(vsock=args.vsock)
 
 
+def _logs_to_stderr() -> None:
+    # stdout carries results (JSON for `call`): logs go to stderr. Looked up at each use, so a
+    # replaced sys.stderr (tests, redirection) is honoured.
+    import structlog
+
+    if not structlog.is_configured():
+        structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _logs_to_stderr()
     try:
         if getattr(args, "run_async", False):
             return int(_run(args.func(args)))
