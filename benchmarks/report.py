@@ -53,7 +53,9 @@ def row_line(row: dict[str, Any]) -> str:
     return (
         f"{row_label(row):<42} {_num(row['calls_per_s']):>10} calls/s "
         f"{_num(row['mb_per_s'], 1):>8} MB/s  p50 {_num(row['p50_us'], 1)} us  "
-        f"p99 {_num(row['p99_us'], 1)} us  server {_num(row['server_cpu_us_per_call'], 2)} us/call"
+        f"p99 {_num(row['p99_us'], 1)} us  CPU us/call: "
+        f"server {_num(row['server_cpu_us_per_call'], 2)} "
+        f"client {_num(row.get('client_cpu_us_per_call'), 2)}"
     )
 
 
@@ -310,8 +312,8 @@ def markdown(result: dict[str, Any]) -> str:
         "### All rows",
         "",
         "| system | loop | case | payload | in flight | calls/s | MB/s | p50 µs | p99 µs "
-        "| server CPU µs/call | x raw-echo | x grpc-aio | spread |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU µs/call | client CPU µs/call | x raw-echo | x grpc-aio | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ratio_raw = f"{r['ratio_raw_echo']:.2f}" if r.get("ratio_raw_echo") else "-"
@@ -320,7 +322,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['system']} | {r['loop']} | {r['case']} | {_size(r['payload_bytes'])} "
             f"| {r['concurrency']} | {_num(r['calls_per_s'])} | {_num(r['mb_per_s'], 1)} "
             f"| {_num(r['p50_us'], 1)} | {_num(r['p99_us'], 1)} "
-            f"| {_num(r['server_cpu_us_per_call'], 2)} | {ratio_raw} | {ratio_grpc} "
+            f"| {_num(r['server_cpu_us_per_call'], 2)} "
+            f"| {_num(r.get('client_cpu_us_per_call'), 2)} | {ratio_raw} | {ratio_grpc} "
             f"| {_num(r['spread'], 2)} |"
         )
     for note in result["notes"]:

@@ -136,14 +136,17 @@ class Stopwatch:
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
         self.cpu0 = 0.0
+        self.client_cpu0 = 0.0
         self.t0 = 0.0
 
     def start(self) -> None:
         self.cpu0 = process_cpu_seconds(self.server_pid)
+        self.client_cpu0 = time.process_time()
         self.t0 = time.perf_counter()
 
     def stop(self, calls: int, latencies: list[int]) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.t0
+        client_cpu = time.process_time() - self.client_cpu0
         cpu = process_cpu_seconds(self.server_pid) - self.cpu0
         latencies.sort()
         n = len(latencies)
@@ -154,6 +157,7 @@ class Stopwatch:
             "p50_us": latencies[n // 2] / 1000 if n else None,
             "p99_us": latencies[min(n - 1, (n * 99) // 100)] / 1000 if n else None,
             "server_cpu_us_per_call": cpu * 1e6 / calls if calls else None,
+            "client_cpu_us_per_call": client_cpu * 1e6 / calls if calls else None,
         }
 
 
@@ -263,7 +267,7 @@ def _blocking_client(path: str, server_pid: int, spec: dict[str, Any]) -> list[d
 
 def _row(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float | None:
-        values = [r[key] for r in runs if r[key] is not None]
+        values = [r[key] for r in runs if r.get(key) is not None]
         return statistics.median(values) if values else None
 
     rates = [r["calls_per_s"] for r in runs]
@@ -277,6 +281,7 @@ def _row(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_us": med("p50_us"),
         "p99_us": med("p99_us"),
         "server_cpu_us_per_call": med("server_cpu_us_per_call"),
+        "client_cpu_us_per_call": med("client_cpu_us_per_call"),
         "runs": rates,
         "spread": max(rates) / min(rates) if min(rates) > 0 else None,
         "calls": sum(r["calls"] for r in runs),

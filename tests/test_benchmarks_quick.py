@@ -37,6 +37,7 @@ NULLABLE = (
     "p50_us",
     "p99_us",
     "server_cpu_us_per_call",
+    "client_cpu_us_per_call",
     "ratio_raw_echo",
     "ratio_grpc",
 )
