@@ -9,6 +9,7 @@ hypervisor: nothing here may open a vsock socket there. Async tests run once per
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -49,6 +50,23 @@ def pytest_asyncio_loop_factories(
         return factories
     factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+# A test stuck on a broken transport would otherwise hold the VM until the lab's overall timeout:
+# dump every thread's stack and end the run instead, so the log shows where it hung.
+TEST_WATCHDOG_SECONDS = 120.0
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    if not IN_LAB:
+        yield
+        return
+    faulthandler.dump_traceback_later(TEST_WATCHDOG_SECONDS, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

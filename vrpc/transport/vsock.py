@@ -117,17 +117,33 @@ def _set_buffer_size(sock: socket.socket, size: int) -> None:
     sock.setsockopt(_SOL_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, size)
 
 
-def _new_socket(buffer_size: int | None) -> socket.socket:
-    family = _require_vsock()
+def _check_buffer_size(buffer_size: int | None) -> None:
     if buffer_size is not None and (
         isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size <= 0
     ):
         raise ValueError(f"buffer_size must be a positive integer, got {buffer_size!r}")
-    sock = socket.socket(family, socket.SOCK_STREAM)
+
+
+def _check_call(cid: int, port: int, buffer_size: int | None) -> None:
+    # Everything that can be refused is refused before a socket exists.
+    _require_vsock()
+    _check_address(cid, port)
+    _check_buffer_size(buffer_size)
+
+
+def _new_socket(buffer_size: int | None) -> socket.socket:
+    try:
+        # EAFNOSUPPORT here means the kernel has no vsock driver loaded.
+        sock = socket.socket(_require_vsock(), socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(f"cannot create a vsock socket: {exc.strerror or exc}") from exc
     try:
         sock.setblocking(False)
         if buffer_size is not None:
             _set_buffer_size(sock, buffer_size)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot set the vsock buffer size: {exc.strerror or exc}") from exc
     except BaseException:
         sock.close()
         raise
@@ -166,7 +182,7 @@ async def create_vsock_server(
     ``cid`` is usually ``VMADDR_CID_ANY``. ``buffer_size`` sets the vsock receive buffer (bytes);
     accepted connections inherit it. Raises ``TransportError`` when the address cannot be bound.
     """
-    _check_address(cid, port)
+    _check_call(cid, port, buffer_size)
     loop = asyncio.get_running_loop()
     sock = _new_socket(buffer_size)
     try:
@@ -222,7 +238,7 @@ async def create_vsock_connection(
     Raises ``ConnectError`` (naming the address) when the peer refuses or resets the connection,
     which is what vsock does at once when nothing listens on the port yet.
     """
-    _check_address(cid, port)
+    _check_call(cid, port, buffer_size)
     loop = asyncio.get_running_loop()
     sock = _new_socket(buffer_size)
     try:
