@@ -24,7 +24,7 @@ SEED = "cli-tests"
 
 @pytest.fixture(autouse=True)
 def _structlog_config() -> Iterator[None]:
-    # main() configures structlog (logs to stderr) if nothing did: undo that after each test.
+    # main() points the default structlog printer at stderr: undo that after each test.
     was_configured = structlog.is_configured()
     saved = structlog.get_config()
     yield

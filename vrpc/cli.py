@@ -219,7 +219,8 @@ def _logs_to_stderr() -> None:
     # replaced sys.stderr (tests, redirection) is honoured.
     import structlog
 
-    if not structlog.is_configured():
+    # Only the default printer is redirected: a logger factory chosen by the host stays.
+    if isinstance(structlog.get_config()["logger_factory"], structlog.PrintLoggerFactory):
         structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
 
 
