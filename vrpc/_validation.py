@@ -50,7 +50,7 @@ def converter_for(tp: Any) -> Callable[[Any], Any]:
 class ArgumentBinder:
     """Turns the positional argument list of a REQUEST into validated handler arguments."""
 
-    __slots__ = ("_converters", "_defaults", "_names", "_required", "_spec")
+    __slots__ = ("_converters", "_defaults", "_exact", "_names", "_required", "_spec")
 
     def __init__(self, spec: MethodSpec) -> None:
         self._spec = spec
@@ -58,8 +58,19 @@ class ArgumentBinder:
         self._converters = [converter_for(p.annotation) for p in spec.params]
         self._defaults = [p.default for p in spec.params]
         self._required = sum(1 for p in spec.params if not p.has_default)
+        # When every parameter is a plain bytes/str/int/bool, a full argument list whose values
+        # have exactly those types needs no conversion at all: the common case, checked first.
+        exact = [p.annotation for p in spec.params]
+        self._exact = tuple(exact) if all(tp in _EXACT for tp in exact) else None
 
     def bind(self, args: list[Any]) -> list[Any]:
+        exact = self._exact
+        if exact is not None and len(args) == len(exact):
+            for value, tp in zip(args, exact, strict=True):
+                if type(value) is not tp:
+                    break
+            else:
+                return args
         count = len(args)
         if count < self._required or count > len(self._names):
             expected = (

@@ -16,14 +16,14 @@ BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250
 @dataclasses.dataclass(slots=True)
 class MethodMetrics:
     calls: int = 0
-    statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+    statuses: dict[Status, int] = dataclasses.field(default_factory=dict)
     buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(BUCKETS_MS) + 1))
     total_seconds: float = 0.0
 
     def snapshot(self) -> dict[str, object]:
         return {
             "calls": self.calls,
-            "statuses": dict(self.statuses),
+            "statuses": {Status(code).name: n for code, n in sorted(self.statuses.items())},
             "latency_ms_buckets": list(zip([*BUCKETS_MS, "inf"], self.buckets, strict=True)),
             "mean_ms": round(self.total_seconds / self.calls * 1000, 4) if self.calls else 0.0,
         }
@@ -42,8 +42,8 @@ class Metrics:
             if m is None:
                 m = self._methods[method] = MethodMetrics()
         m.calls += 1
-        name = status.name
-        m.statuses[name] = m.statuses.get(name, 0) + 1
+        statuses = m.statuses
+        statuses[status] = statuses.get(status, 0) + 1  # keyed by code: .name is slow
         m.buckets[bisect.bisect_left(BUCKETS_MS, seconds * 1000)] += 1
         m.total_seconds += seconds
 

@@ -107,6 +107,11 @@ class _Call:
         self.done_sending = False
 
 
+# Unary calls (no stream in either direction) have no per-call state to mutate: they all share
+# this one record, which saves an allocation per call on the hot path. Code that mutates call
+# state (credit, END, items) first checks the stream flags, which are False here.
+_UNARY = _Call(False, False)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 _MSG_LENGTHS = {0: 7, 1: 4, 2: 6, 3: 2, 4: 3, 5: 2, 6: 3, 7: 3, 8: 2, 9: 2, 10: 3}
@@ -235,7 +240,7 @@ class Connection:
             timeout_ms = max(0, int(timeout * 1000))
         self._emit((0, call_id, method, args, flags, timeout_ms, metadata))
         self._last_call_id = call_id
-        self._calls[call_id] = _Call(stream_request, stream_response)
+        self._calls[call_id] = _Call(stream_request, stream_response) if flags else _UNARY
         if timeout is not None:
             heapq.heappush(self._deadlines, (now + timeout, call_id))
         return call_id
@@ -391,6 +396,8 @@ class Connection:
             call_id = _int(msg[1], "call id")
             grant = _int(msg[2], "credit")
             call = self._calls.get(call_id)
+            if call is _UNARY:
+                raise _bad("CREDIT on a call without streams")
             if call is not None:
                 was_blocked = call.send_credit <= 0
                 call.send_credit += grant
@@ -425,14 +432,13 @@ class Connection:
         if self._client:
             raise _bad("a server does not send REQUEST")
         _, call_id, method, args, flags, timeout_ms, metadata = msg
-        call_id = _int(call_id, "call id")
-        if call_id <= self._last_call_id:
-            raise _bad(f"call id {call_id} is not above the last one ({self._last_call_id})")
+        if type(call_id) is not int or call_id <= self._last_call_id:
+            raise _bad(f"call id {call_id!r} is not above the last one ({self._last_call_id})")
         if type(method) is not str or type(args) is not list or type(flags) is not int:
             raise _bad("REQUEST fields have the wrong types")
         if timeout_ms is not None:
             _int(timeout_ms, "timeout")
-        md = _metadata(metadata, "metadata")
+        md = None if metadata is None else _metadata(metadata, "metadata")
         self._last_call_id = call_id
         if self.goaway_sent is not None:
             self._emit((2, call_id, int(Status.UNAVAILABLE), "server is draining", None, None))
@@ -450,7 +456,9 @@ class Connection:
             )
             return
         stream_request = bool(flags & _FLAG_STREAM_REQUEST)
-        self._calls[call_id] = _Call(stream_request, bool(flags & _FLAG_STREAM_RESPONSE))
+        self._calls[call_id] = (
+            _Call(stream_request, bool(flags & _FLAG_STREAM_RESPONSE)) if flags else _UNARY
+        )
         timeout = None
         if timeout_ms is not None:
             timeout = timeout_ms / 1000
