@@ -67,3 +67,16 @@ def test_wrong_arity_from_a_foreign_encoder_is_a_protocol_error() -> None:
     conn = Connection(Role.SERVER)
     with pytest.raises(RemoteProtocolError):
         conn.receive_data(frame([0, 1, "a.b", []]), now=0.0)
+
+
+def test_credit_for_a_unary_call_is_a_protocol_error() -> None:
+    # Unary calls carry no flow-control state; a CREDIT naming one must not be accepted (it
+    # would otherwise alter state shared by every unary call).
+    server = Connection(Role.SERVER)
+    server.receive_data(frame([0, 1, "a.b", [], 0, None, None]), now=0.0)
+    with pytest.raises(RemoteProtocolError, match="CREDIT"):
+        server.receive_data(frame([6, 1, 1000]), now=0.0)
+    client = Connection(Role.CLIENT)
+    call_id = client.start_call("a.b", [], now=0.0)
+    with pytest.raises(RemoteProtocolError, match="CREDIT"):
+        client.receive_data(frame([6, call_id, 1000]), now=0.0)
