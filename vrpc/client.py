@@ -353,30 +353,11 @@ class Client:
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """Call ``service.method`` with positional ``args``; returns the decoded result."""
+        if timeout is None and metadata is None:
+            started = self._start_fast(method, args)
+            if started is not None:
+                return await self._finish_fast(started, method, args, idempotent)
         options = _options.get()
-        proto = self._proto
-        if (
-            options is None
-            and timeout is None
-            and metadata is None
-            and self.timeout is None
-            and not self.interceptors
-            and proto is not None
-            and not proto.draining
-            and not proto.closed
-            and _current.get(None) is None
-        ):
-            # The common case, kept to one coroutine frame: no deadline, no metadata, an
-            # established connection. Anything else (and any retry) takes the general path.
-            try:
-                return await self._unary_once(method, args, None, None, None, proto)
-            except RpcError as exc:
-                if not idempotent or exc.status is not Status.UNAVAILABLE or self.retries < 1:
-                    raise
-                # That was the first of the 1 + retries attempts: only the retries remain.
-                log.info("retrying idempotent call", method=method, reason=exc.message)
-                await asyncio.sleep(0.02)
-                return await self._unary(method, args, idempotent, None, None, None, first=1)
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
             metadata = options.metadata
@@ -389,6 +370,68 @@ class Client:
                 call_next = _bind_client(interceptor, method, md, call_next)
             return await call_next()
         return await self._unary(method, args, idempotent, timeout, metadata, options)
+
+    def _start_fast(
+        self, method: str, args: list[Any]
+    ) -> tuple[_ClientConnection, int, asyncio.Future[Any]] | None:
+        """Start a call at once when nothing needs the general path: no deadline, metadata or
+        interceptor, an established connection. Typed stubs await the returned future directly,
+        so the common call costs one coroutine frame instead of three."""
+        proto = self._proto
+        if (
+            proto is None
+            or proto.draining
+            or proto.closed
+            or self.timeout is not None
+            or self.interceptors
+            or _options.get() is not None
+            or _current.get(None) is not None
+            or monotonic() - proto.established_at >= self.max_session_age
+        ):
+            return None
+        call_id = proto.conn.start_call(method, args, now=0.0)  # `now` only dates deadlines
+        future: asyncio.Future[Any] = proto.loop.create_future()
+        proto.pending[call_id] = _Pending(future, None)
+        if proto._flush_handle is None:
+            proto.schedule_flush()
+        return proto, call_id, future
+
+    def _abandon(self, proto: _ClientConnection, call_id: int) -> None:
+        """The caller was cancelled: tell the server, forget the call."""
+        if proto.conn.is_active(call_id):
+            proto.conn.cancel(call_id)
+            proto.schedule_flush()
+        proto.pending.pop(call_id, None)
+
+    async def _finish_fast(
+        self,
+        started: tuple[_ClientConnection, int, asyncio.Future[Any]],
+        method: str,
+        args: list[Any],
+        idempotent: bool,
+    ) -> Any:
+        proto, call_id, future = started
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._abandon(proto, call_id)
+            raise
+        except RpcError as exc:
+            return await self._retry_fast(exc, method, args, idempotent)
+        finally:
+            if proto.draining:
+                self._call_done(proto)
+
+    async def _retry_fast(
+        self, exc: RpcError, method: str, args: list[Any], idempotent: bool
+    ) -> Any:
+        """The fast attempt failed: retry an idempotent call that met UNAVAILABLE, else raise."""
+        if not idempotent or exc.status is not Status.UNAVAILABLE or self.retries < 1:
+            raise exc
+        # That was the first of the 1 + retries attempts: only the retries remain.
+        log.info("retrying idempotent call", method=method, reason=exc.message)
+        await asyncio.sleep(0.02)
+        return await self._unary(method, args, idempotent, None, None, None, first=1)
 
     async def _unary(
         self,

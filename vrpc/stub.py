@@ -8,15 +8,17 @@ the interface's exact signature. Results come back converted to the declared ret
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vrpc._validation import converter_for
+from vrpc.client import Client
+from vrpc.exceptions import RpcError
 from vrpc.service import MethodKind, MethodSpec, Service, describe_service
 
 if TYPE_CHECKING:
-    from vrpc.client import Client
     from vrpc.pool import Pool
 
 __all__ = ["make_stub"]
@@ -64,14 +66,40 @@ def _make_method(client: Client | Pool, spec: MethodSpec, declared: Any) -> Any:
     idempotent = spec.idempotent
     timeout = spec.timeout
 
-    if spec.kind is MethodKind.UNARY:
+    start_fast = getattr(client, "_start_fast", None)  # a Pool routes every call itself
+
+    if spec.kind is MethodKind.UNARY and start_fast is not None and timeout is None:
+        assert isinstance(client, Client)
+        direct = client
+
+        async def unary_fast(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # Client.call's fast path, inlined: this frame awaits the call's future itself.
+            wire, _ = pack(args, kwargs)
+            started = start_fast(name, wire)
+            if started is None:
+                return convert(await direct.call(name, wire, idempotent=idempotent))
+            proto, call_id, future = started
+            try:
+                result = await future
+            except asyncio.CancelledError:
+                direct._abandon(proto, call_id)
+                raise
+            except RpcError as exc:
+                result = await direct._retry_fast(exc, name, wire, idempotent)
+            finally:
+                if proto.draining:
+                    direct._call_done(proto)
+            return convert(result)
+
+        method: Any = unary_fast
+    elif spec.kind is MethodKind.UNARY:
 
         async def unary(self: Any, *args: Any, **kwargs: Any) -> Any:
             wire, _ = pack(args, kwargs)
             result = await client.call(name, wire, idempotent=idempotent, timeout=timeout)
             return convert(result)
 
-        method: Any = unary
+        method = unary
     elif spec.kind is MethodKind.CLIENT_STREAM:
 
         async def client_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
