@@ -305,7 +305,13 @@ class _ServerConnection(ShellProtocol):
             self.inbound.pop(call_id, None)
             self.credit_gates.pop(call_id, None)
             if not self.closed:
-                if self._flush_handle is None:
+                if not self.tasks:
+                    # The last call in flight on this connection: nothing else will join this
+                    # write, so send now instead of a loop turn later (latency at 1 in flight).
+                    if self._flush_handle is not None:
+                        self._flush_handle.cancel()
+                    self.flush()
+                elif self._flush_handle is None:
                     self._flush_handle = self.loop.call_soon(self.flush)
                 if ctx.deadline is not None:
                     self.arm_timer()

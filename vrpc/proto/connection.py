@@ -355,7 +355,7 @@ class Connection:
         self._last_activity = now
         events: list[Event] = []
         handle = self._handle
-        for body in self._frames.feed(data):
+        for body in self._frames.views(data):
             try:
                 msg = _decoder.decode(body)
             except msgspec.DecodeError as exc:

@@ -7,6 +7,8 @@ already received, so a hostile prefix of 4 GiB costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from vrpc.exceptions import FrameTooLarge
 
 __all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame"]
@@ -43,21 +45,44 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        return [bytes(view) for view in self.views(data)]
+
+    def views(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+        """Like ``feed`` but yields each body as a view into the buffer, valid only until the
+        next item is requested (it is released then): a consumer that decodes in place saves a
+        copy of every message (a megabyte for a 1 MiB payload). Run the generator to its end."""
         buf = self._buf
-        buf += data
-        frames: list[bytes] = []
+        direct = not buf and type(data) is bytes
+        if direct:
+            # Nothing pending: read the frames straight out of the received chunk and keep
+            # only a trailing partial frame.
+            view = memoryview(data)
+        else:
+            buf += data
+            view = memoryview(buf)
+        end = len(view)
         pos = 0
-        end = len(buf)
         limit = self.max_frame_size
-        while end - pos >= HEADER_SIZE:
-            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
-            if size > limit:
-                raise FrameTooLarge(f"frame of {size} bytes exceeds the maximum of {limit} bytes")
-            stop = pos + HEADER_SIZE + size
-            if stop > end:
-                break
-            frames.append(bytes(buf[pos + HEADER_SIZE : stop]))
-            pos = stop
-        if pos:
+        try:
+            while end - pos >= HEADER_SIZE:
+                size = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+                if size > limit:
+                    raise FrameTooLarge(
+                        f"frame of {size} bytes exceeds the maximum of {limit} bytes"
+                    )
+                stop = pos + HEADER_SIZE + size
+                if stop > end:
+                    break
+                body = view[pos + HEADER_SIZE : stop]
+                try:
+                    yield body
+                finally:
+                    body.release()
+                pos = stop
+        finally:
+            view.release()
+        if direct:
+            if pos < end:
+                buf += data[pos:]
+        elif pos:
             del buf[:pos]
-        return frames
