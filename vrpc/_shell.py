@@ -86,6 +86,12 @@ class ShellProtocol(asyncio.Protocol):
         transport = self.transport
         peer = transport.get_extra_info("peername")
         self.peer_address = str(peer) if peer else str(transport.get_extra_info("sockname"))
+        from vrpc.transport.vsock import peer_address
+
+        # On uvloop's AF_UNIX route for vsock, peername is a mangled path: ask the kernel.
+        vsock_peer = peer_address(transport)
+        if vsock_peer is not None:
+            self.peer_address = f"vsock://{vsock_peer[0]}:{vsock_peer[1]}"
         # Bulk transfers stall at the default 64 KiB high-water mark: raise it.
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         self._handshake_timer = self.loop.call_later(
