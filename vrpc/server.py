@@ -12,6 +12,7 @@ A bad peer costs one connection, never the server; a failing handler costs one c
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -315,7 +316,7 @@ class _ServerConnection(ShellProtocol):
                     self._flush_handle = self.loop.call_soon(self.flush)
                 if ctx.deadline is not None:
                     self.arm_timer()
-            server._call_finished(ctx.method, status, monotonic() - started)
+            server._call_finished(ctx.method, status, monotonic() - started, self.peer_address)
 
     async def _pump(self, method: _Method, call_id: int, args: list[Any]) -> None:
         """Drive a server-streaming handler, honouring credit and the transport's buffer."""
@@ -372,6 +373,7 @@ class Server:
         keepalive_timeout: float = 20.0,
         reflection: bool = True,
         health: bool = True,
+        log_calls: bool = False,
     ) -> None:
         if attester is None:
             from vrpc.attestation import NsmAttester
@@ -396,6 +398,7 @@ class Server:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.metrics = Metrics()
+        self.log_calls = log_calls  # one structured line per call (off by default: hot path)
         self._services: list[Service] = list(services)
         from vrpc.builtin import Health, Reflection
 
@@ -445,10 +448,18 @@ class Server:
             services={spec.service for spec in self.methods.values()},
         )
 
-    def _call_finished(self, method: str, status: Status, seconds: float) -> None:
+    def _call_finished(self, method: str, status: Status, seconds: float, peer: str) -> None:
         self.metrics.record(method, status, seconds)
-        if status is Status.INTERNAL:
-            log.error("call failed", method=method, status=status.name)
+        if self.log_calls or status is Status.INTERNAL:
+            # Names and numbers only: never arguments, results or metadata values.
+            log.log(
+                logging.ERROR if status is Status.INTERNAL else logging.INFO,
+                "call",
+                method=method,
+                status=status.name,
+                ms=round(seconds * 1000, 3),
+                peer=peer,
+            )
 
     async def start(self, uri: str) -> None:
         """Listen on ``uri`` (vsock://ANY:5000, unix:///run/x.sock, tcp://127.0.0.1:7000)."""
