@@ -51,7 +51,8 @@ class _Pipe(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is None or peer.transport is None:
-            return False
+            # Upstream still connecting: keep what arrived and pass the EOF on once it is up.
+            return True
         if peer.eof:
             # Both directions have ended: nothing more can flow, release both sides (a half-closed
             # pair would otherwise stay open forever, holding two descriptors).
@@ -127,6 +128,8 @@ class Relay:
         for chunk in downstream.early:
             upstream.transport.write(chunk)
         downstream.early.clear()
+        if downstream.eof and upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
 
     def _pipe_closed(self, pipe: _Pipe) -> None:
         self._pipes.discard(pipe)
