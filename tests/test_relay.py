@@ -190,3 +190,29 @@ async def test_unreachable_upstream_closes_the_client(tmp_path: Path) -> None:
         assert any(e["event"] == "relay upstream unreachable" for e in logs)
     finally:
         await relay.close()
+
+
+async def test_bytes_and_eof_sent_before_the_upstream_is_up_arrive(tmp_path: Path) -> None:
+    upstream_uri, relay_uri = sock_uri(tmp_path, "up"), sock_uri(tmp_path, "relay")
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await received.put(await r.read())  # everything until EOF
+        w.write(b"answer")
+        w.close()
+
+    upstream = await asyncio.start_unix_server(on_conn, sock_path(upstream_uri))
+    relay = Relay(relay_uri, upstream_uri)
+    await relay.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock_path(relay_uri))
+        writer.write(b"early bytes")
+        writer.write_eof()  # before the relay's upstream connection can exist
+        assert await asyncio.wait_for(received.get(), 5) == b"early bytes"
+        assert await asyncio.wait_for(reader.read(), 5) == b"answer"
+        writer.close()
+        assert await wait_until(lambda: relay.active_pipes == 0)
+    finally:
+        await relay.close()
+        upstream.close()
+        await upstream.wait_closed()
