@@ -80,3 +80,18 @@ def test_credit_for_a_unary_call_is_a_protocol_error() -> None:
     call_id = client.start_call("a.b", [], now=0.0)
     with pytest.raises(RemoteProtocolError, match="CREDIT"):
         client.receive_data(frame([6, call_id, 1000]), now=0.0)
+
+
+def test_deep_nesting_is_a_protocol_error_in_the_core() -> None:
+    depth = 200_000  # far past the interpreter's recursion limit, well inside the frame limit
+    body = b"\x91" * depth + b"\xc0"  # [[[...[nil]...]]] as fixarray(1) headers
+    conn = Connection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError, match=r"nested too deeply|undecodable"):
+        conn.receive_data(len(body).to_bytes(4, "big") + body, now=0.0)
+
+
+def test_request_flags_reach_the_server_event() -> None:
+    conn = Connection(Role.SERVER)
+    (event,) = conn.receive_data(frame([0, 1, "a.b", [], 2, None, None]), now=0.0)
+    assert isinstance(event, RequestReceived)
+    assert (event.stream_request, event.stream_response) == (False, True)

@@ -9,6 +9,7 @@ single ``writelines`` (so in as few records as possible when encrypted).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import typing
 from typing import Any
@@ -25,6 +26,11 @@ from vrpc.status import Status
 log = structlog.get_logger("vrpc")
 
 monotonic = time.monotonic
+
+# Internal callbacks (flushes, protocol timers) run in this empty context, not in whatever
+# context happened to schedule them: a keepalive timer armed from inside a handler would
+# otherwise keep that call's context (and through it the connection) alive for its whole delay.
+BARE_CONTEXT = contextvars.Context()
 
 
 class FlowGate:
@@ -95,7 +101,7 @@ class ShellProtocol(asyncio.Protocol):
         # Bulk transfers stall at the default 64 KiB high-water mark: raise it.
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         self._handshake_timer = self.loop.call_later(
-            self.handshake_timeout, self._on_handshake_timeout
+            self.handshake_timeout, self._on_handshake_timeout, context=BARE_CONTEXT
         )
         self.on_connection_made()
         self._flush_handshake()
@@ -300,7 +306,7 @@ class ShellProtocol(asyncio.Protocol):
 
     def schedule_flush(self) -> None:
         if self._flush_handle is None and not self.closed:
-            self._flush_handle = self.loop.call_soon(self.flush)
+            self._flush_handle = self.loop.call_soon(self.flush, context=BARE_CONTEXT)
 
     def flush(self) -> None:
         self._flush_handle = None
@@ -324,7 +330,9 @@ class ShellProtocol(asyncio.Protocol):
                 return  # the earlier timer re-arms when it fires
             self._timer_handle.cancel()
         self._timer_at = when
-        self._timer_handle = self.loop.call_later(max(0.0, when - monotonic()), self._on_timer)
+        self._timer_handle = self.loop.call_later(
+            max(0.0, when - monotonic()), self._on_timer, context=BARE_CONTEXT
+        )
 
     def _on_timer(self) -> None:
         self._timer_handle = None

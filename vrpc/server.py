@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from vrpc._shell import FlowGate, ShellProtocol, monotonic
+from vrpc._shell import BARE_CONTEXT, FlowGate, ShellProtocol, monotonic
 from vrpc._validation import ArgumentBinder
 from vrpc.context import CallContext, Peer, _current
 from vrpc.exceptions import RpcError
@@ -210,7 +210,10 @@ class _ServerConnection(ShellProtocol):
             )
             server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
             return
-        if ev.stream_request != method.streams_request:
+        if (
+            ev.stream_request != method.streams_request
+            or ev.stream_response != method.streams_response
+        ):
             self.conn.send_error(
                 call_id,
                 Status.INVALID_ARGUMENT,
@@ -313,7 +316,7 @@ class _ServerConnection(ShellProtocol):
                         self._flush_handle.cancel()
                     self.flush()
                 elif self._flush_handle is None:
-                    self._flush_handle = self.loop.call_soon(self.flush)
+                    self._flush_handle = self.loop.call_soon(self.flush, context=BARE_CONTEXT)
                 if ctx.deadline is not None:
                     self.arm_timer()
             server._call_finished(ctx.method, status, monotonic() - started, self.peer_address)
@@ -345,6 +348,42 @@ def _bind_interceptor(interceptor: ServerInterceptor, ctx: CallContext, nxt: Cal
     return lambda: interceptor(ctx, nxt)
 
 
+class _LoopLagMonitor:
+    """Notices when the event loop was blocked (a handler doing blocking work) and logs it.
+
+    A callback due every ``interval`` seconds measures how late it ran; lateness above
+    ``threshold`` means nothing else could run meanwhile, every connection included.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.interval = min(0.1, threshold / 2)
+        self.loop = asyncio.get_running_loop()
+        self.blocked = 0
+        self._due = monotonic() + self.interval
+        self._handle: asyncio.TimerHandle | None = self.loop.call_later(
+            self.interval, self._tick, context=BARE_CONTEXT
+        )
+
+    def _tick(self) -> None:
+        now = monotonic()
+        lag = now - self._due
+        if lag > self.threshold:
+            self.blocked += 1
+            log.warning(
+                "event loop blocked",
+                ms=round(lag * 1000, 1),
+                hint="a handler is doing blocking work: use asyncio.to_thread",
+            )
+        self._due = now + self.interval
+        self._handle = self.loop.call_later(self.interval, self._tick, context=BARE_CONTEXT)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Server:
     """Serves a list of service instances on one or more addresses.
 
@@ -374,6 +413,7 @@ class Server:
         reflection: bool = True,
         health: bool = True,
         log_calls: bool = False,
+        loop_lag_warning: float | None = 0.25,
     ) -> None:
         if attester is None:
             from vrpc.attestation import NsmAttester
@@ -399,6 +439,9 @@ class Server:
         self.keepalive_timeout = keepalive_timeout
         self.metrics = Metrics()
         self.log_calls = log_calls  # one structured line per call (off by default: hot path)
+        # A handler that blocks the event loop stalls every connection: say so in the log.
+        self.loop_lag_warning = loop_lag_warning
+        self._lag_monitor: _LoopLagMonitor | None = None
         self._services: list[Service] = list(services)
         from vrpc.builtin import Health, Reflection
 
@@ -465,6 +508,8 @@ class Server:
         """Listen on ``uri`` (vsock://ANY:5000, unix:///run/x.sock, tcp://127.0.0.1:7000)."""
         listener = await create_server(uri, lambda: _ServerConnection(self))
         self._listeners.append(listener)
+        if self.loop_lag_warning is not None and self._lag_monitor is None:
+            self._lag_monitor = _LoopLagMonitor(self.loop_lag_warning)
         log.info("listening", address=uri, mode=self.mode, methods=len(self._methods))
 
     async def serve(self, uri: str | None = None, *, handle_signals: bool = True) -> None:
@@ -493,6 +538,9 @@ class Server:
         if self._closed.is_set():
             return
         self._accepting = False
+        if self._lag_monitor is not None:
+            self._lag_monitor.stop()
+            self._lag_monitor = None
         self._draining = True
         if self.health is not None:
             self.health.set_all_not_serving()

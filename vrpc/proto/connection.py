@@ -360,6 +360,10 @@ class Connection:
                 msg = _decoder.decode(body)
             except msgspec.DecodeError as exc:
                 raise _bad(f"undecodable message: {exc}") from None
+            except RecursionError:
+                # A frame of nested one-element arrays decodes recursively: refuse the nesting
+                # depth itself rather than let the interpreter's limit escape as a crash.
+                raise _bad("message nested too deeply") from None
             if type(msg) is not list or not msg or type(msg[0]) is not int:
                 raise _bad("a message must be a non-empty array starting with its type")
             if _MSG_LENGTHS.get(msg[0]) != len(msg):
@@ -463,7 +467,17 @@ class Connection:
         if timeout_ms is not None:
             timeout = timeout_ms / 1000
             heapq.heappush(self._deadlines, (now + timeout, call_id))
-        events.append(RequestReceived(call_id, method, args, md, timeout, stream_request))
+        events.append(
+            RequestReceived(
+                call_id,
+                method,
+                args,
+                md,
+                timeout,
+                stream_request,
+                bool(flags & _FLAG_STREAM_RESPONSE),
+            )
+        )
 
     def _on_result(self, msg: list[Any], events: list[Event]) -> None:
         if not self._client:

@@ -45,7 +45,15 @@ class Event:
 class RequestReceived(Event):
     """Server side: a new call. ``timeout`` is the caller's remaining time in seconds."""
 
-    __slots__ = ("args", "call_id", "metadata", "method", "stream_request", "timeout")
+    __slots__ = (
+        "args",
+        "call_id",
+        "metadata",
+        "method",
+        "stream_request",
+        "stream_response",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -55,6 +63,7 @@ class RequestReceived(Event):
         metadata: dict[str, Any] | None,
         timeout: float | None,
         stream_request: bool,
+        stream_response: bool = False,
     ) -> None:
         self.call_id = call_id
         self.method = method
@@ -62,6 +71,7 @@ class RequestReceived(Event):
         self.metadata = metadata
         self.timeout = timeout
         self.stream_request = stream_request
+        self.stream_response = stream_response
 
 
 class ResponseReceived(Event):

@@ -8,6 +8,7 @@ module; an unknown name refuses the connection like a closed port.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from vrpc.exceptions import ConnectError
 __all__ = ["MemoryServer", "MemoryTransport", "create_memory_connection", "create_memory_server"]
 
 _listeners: dict[str, MemoryServer] = {}
+_BARE = contextvars.Context()
 
 
 class MemoryTransport(asyncio.Transport):
@@ -42,7 +44,8 @@ class MemoryTransport(asyncio.Transport):
         if self._closing or self.peer is None:
             return
         self.bytes_written += len(data)
-        self._loop.call_soon(self.peer._deliver, bytes(data))
+        # Like a socket, delivery carries no context from the writer to the reader.
+        self._loop.call_soon(self.peer._deliver, bytes(data), context=_BARE)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -64,10 +67,10 @@ class MemoryTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._loop.call_soon(self._lost)
+        self._loop.call_soon(self._lost, context=_BARE)
         if self.peer is not None and not self.peer._closing:
             self.peer._closing = True
-            self._loop.call_soon(self.peer._lost)
+            self._loop.call_soon(self.peer._lost, context=_BARE)
 
     def abort(self) -> None:
         self.close()
