@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,8 @@ class CallContext:
     """The server-side view of one call (``vrpc.current_call()`` inside a handler)."""
 
     __slots__ = (
-        "_send_headers",
+        "_call_id",
+        "_sender",
         "deadline",
         "headers_sent",
         "metadata",
@@ -49,7 +50,8 @@ class CallContext:
         metadata: dict[str, Any] | None,
         peer: Peer,
         deadline: float | None,
-        send_headers: Callable[[dict[str, Any]], None],
+        sender: Any,
+        call_id: int,
     ) -> None:
         self.method = method
         self.metadata: dict[str, Any] = metadata or {}
@@ -57,7 +59,10 @@ class CallContext:
         self.deadline = deadline  # time.monotonic() value, or None
         self.trailers: dict[str, Any] = {}
         self.headers_sent = False
-        self._send_headers = send_headers
+        # The connection shell that sends this call's headers; kept as (object, id) rather
+        # than a bound partial because a context is built for every call.
+        self._sender = sender
+        self._call_id = call_id
 
     def time_remaining(self) -> float | None:
         if self.deadline is None:
@@ -69,7 +74,7 @@ class CallContext:
         if self.headers_sent:
             raise RuntimeError("headers were already sent for this call")
         self.headers_sent = True
-        self._send_headers(metadata)
+        self._sender._send_headers(self._call_id, metadata)
 
     def set_trailer(self, key: str, value: Any) -> None:
         self.trailers[key] = value

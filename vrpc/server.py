@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 import structlog
@@ -234,9 +233,7 @@ class _ServerConnection(ShellProtocol):
             self.inbound[call_id] = stream
             args.append(stream)
         deadline = None if ev.timeout is None else monotonic() + ev.timeout
-        ctx = CallContext(
-            ev.method, ev.metadata, self.peer, deadline, partial(self._send_headers, call_id)
-        )
+        ctx = CallContext(ev.method, ev.metadata, self.peer, deadline, self, call_id)
         server._in_flight += 1
         self.tasks[call_id] = self.loop.create_task(self._run(method, call_id, args, ctx))
 
@@ -306,8 +303,10 @@ class _ServerConnection(ShellProtocol):
             if not server._in_flight and server._draining:
                 server._idle.set()
             self.tasks.pop(call_id, None)
-            self.inbound.pop(call_id, None)
-            self.credit_gates.pop(call_id, None)
+            if method.streams_request:
+                self.inbound.pop(call_id, None)
+            if method.streams_response:
+                self.credit_gates.pop(call_id, None)
             if not self.closed:
                 if not self.tasks:
                     # The last call in flight on this connection: nothing else will join this
@@ -319,7 +318,10 @@ class _ServerConnection(ShellProtocol):
                     self._flush_handle = self.loop.call_soon(self.flush, context=BARE_CONTEXT)
                 if ctx.deadline is not None:
                     self.arm_timer()
-            server._call_finished(ctx.method, status, monotonic() - started, self.peer_address)
+            elapsed = monotonic() - started
+            server.metrics.record(ctx.method, status, elapsed)
+            if server.log_calls or status is Status.INTERNAL:
+                server._log_call(ctx.method, status, elapsed, self.peer_address)
 
     async def _pump(self, method: _Method, call_id: int, args: list[Any]) -> None:
         """Drive a server-streaming handler, honouring credit and the transport's buffer."""
@@ -491,18 +493,16 @@ class Server:
             services={spec.service for spec in self.methods.values()},
         )
 
-    def _call_finished(self, method: str, status: Status, seconds: float, peer: str) -> None:
-        self.metrics.record(method, status, seconds)
-        if self.log_calls or status is Status.INTERNAL:
-            # Names and numbers only: never arguments, results or metadata values.
-            log.log(
-                logging.ERROR if status is Status.INTERNAL else logging.INFO,
-                "call",
-                method=method,
-                status=status.name,
-                ms=round(seconds * 1000, 3),
-                peer=peer,
-            )
+    def _log_call(self, method: str, status: Status, seconds: float, peer: str) -> None:
+        # Names and numbers only: never arguments, results or metadata values.
+        log.log(
+            logging.ERROR if status is Status.INTERNAL else logging.INFO,
+            "call",
+            method=method,
+            status=status.name,
+            ms=round(seconds * 1000, 3),
+            peer=peer,
+        )
 
     async def start(self, uri: str) -> None:
         """Listen on ``uri`` (vsock://ANY:5000, unix:///run/x.sock, tcp://127.0.0.1:7000)."""
