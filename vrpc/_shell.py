@@ -79,6 +79,7 @@ class ShellProtocol(asyncio.Protocol):
         self._timer_at: float | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._pending_input: list[bytes] = []
+        self.unflushed = 0  # answers queued since the last write (see server._EARLY_FLUSH_*)
         self._attesting = False
         # The transport ended before the handshake did (reset, server restarting): no verdict on
         # the peer was reached, so a client may try again with a fresh handshake.
@@ -310,6 +311,7 @@ class ShellProtocol(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_handle = None
+        self.unflushed = 0
         if self.closed or self.session is None or self.transport is None:
             return
         out = self.conn.data_to_send()

@@ -45,6 +45,13 @@ log = structlog.get_logger("vrpc.server")
 
 CallNext = Callable[[], Awaitable[Any]]
 
+# Answers are coalesced into one write per loop turn, but at most this many answers (or bytes)
+# per write: sending a batch in a few slices lets the client start on the first answers while
+# the server is still working on the rest, so the two processes overlap instead of taking turns
+# (measured: 64 B x 64 in flight went from ~65k to ~112k calls/s; see docs/performance.md).
+_EARLY_FLUSH_ANSWERS = 16
+_EARLY_FLUSH_BYTES = 64 * 1024
+
 
 class ServerInterceptor(Protocol):
     """Wraps every call: may read ``ctx`` (method, metadata, peer), deny with ``RpcError``,
@@ -308,7 +315,12 @@ class _ServerConnection(ShellProtocol):
             if method.streams_response:
                 self.credit_gates.pop(call_id, None)
             if not self.closed:
-                if not self.tasks:
+                self.unflushed += 1
+                if (
+                    not self.tasks
+                    or self.unflushed >= _EARLY_FLUSH_ANSWERS
+                    or len(self.conn._out) >= _EARLY_FLUSH_BYTES
+                ):
                     # The last call in flight on this connection: nothing else will join this
                     # write, so send now instead of a loop turn later (latency at 1 in flight).
                     if self._flush_handle is not None:
