@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import flow, report
 from benchmarks.worker import SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +221,8 @@ def run_suite(args: argparse.Namespace) -> int:
     result = report.build(
         rows, settings={**base, "quick": args.quick}, command=command, notes=notes, root=ROOT
     )
+    result["flow_control"] = flow.measure(args.quick)
+    _say(report.flow_line(result["flow_control"]))
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=1) + "\n")

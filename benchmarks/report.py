@@ -326,9 +326,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_num(r.get('client_cpu_us_per_call'), 2)} | {ratio_raw} | {ratio_grpc} "
             f"| {_num(r['spread'], 2)} |"
         )
+    flow = result.get("flow_control")
+    if flow:
+        lines += ["", "### Flow control", "", flow_line(flow)]
     for note in result["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines)
+
+
+def flow_line(flow: dict[str, Any]) -> str:
+    held = flow["max_buffered_bytes"] <= flow["bound_bytes"]
+    return (
+        f"A server stream of {flow['items']} items of {_size(flow['item_bytes'])} to a consumer "
+        f"taking one every {flow['consumer_delay_ms']:g} ms: at most "
+        f"{flow['max_buffered_bytes']:,} bytes waited on the receiving side (window "
+        f"{flow['window_bytes']:,} bytes; bound window + one message = "
+        f"{flow['bound_bytes']:,}): {'held' if held else '**exceeded**'}."
+    )
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:

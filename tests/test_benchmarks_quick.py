@@ -84,6 +84,14 @@ def test_quick_run_has_rows_for_every_system(quick_run: Path) -> None:
     assert vrpc_row["ratio_grpc"] is not None
 
 
+def test_quick_run_measures_flow_control_within_its_bound(quick_run: Path) -> None:
+    flow = json.loads((quick_run / "latest.json").read_text())["flow_control"]
+    assert flow["received_bytes"] == flow["items"] * flow["item_bytes"]
+    # Buffering, not timing: the receiver never holds more than the window plus one message.
+    assert 0 < flow["max_buffered_bytes"] <= flow["window_bytes"] + flow["item_bytes"] + 64
+    assert "### Flow control" in (quick_run / "performance.md").read_text()
+
+
 def test_quick_run_writes_plot_and_markdown(quick_run: Path) -> None:
     assert (quick_run / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (quick_run / "performance.md").read_text()
