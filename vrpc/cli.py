@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vrpc import jsonio
@@ -201,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # benchmarks/ lives beside vrpc/ in a source checkout (it is not installed): find it there
+    # whatever the current directory is.
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "__main__.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         bench = importlib.import_module("benchmarks.__main__")
     except ImportError:
