@@ -211,7 +211,10 @@ def _bench(args: argparse.Namespace) -> int:
         bench = importlib.import_module("benchmarks.__main__")
     except ImportError:
         raise ValueError("vrpc bench runs from a source checkout (benchmarks/ not found)") from None
-    return int(bench.main(list(args.rest)))
+    rest = list(args.rest)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return int(bench.main(rest))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -231,6 +234,10 @@ def _logs_to_stderr() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` belongs to the benchmark suite's own parser (--quick, ...).
+        argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     _logs_to_stderr()
     try:
