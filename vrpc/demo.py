@@ -22,6 +22,12 @@ __all__ = ["main"]
 _SEED = b"vrpc-demo"
 
 
+def _check(ok: bool, what: str) -> None:
+    # Not `assert`: the demo's checks must hold under python -O too.
+    if not ok:
+        raise SystemExit(f"demo failed: {what}")
+
+
 def _say(step: str, proved: str) -> None:
     print(f"  \u2713 {step:<34} {proved}", flush=True)
 
@@ -84,13 +90,14 @@ async def _run(listen: str, connect: str) -> None:
             signature = await vault.sign(signing.key_id, message)
             ok = await vault.verify(signing.key_id, message, signature)
             bad_ok = await vault.verify(signing.key_id, message + b"0", signature)
-            assert ok and not bad_ok
+            _check(ok and not bad_ok, "signature verification")
             _say("create ed25519 key, sign, verify", f"{len(signature)}-byte signature verifies")
             public_key = await vault.public_key(signing.key_id)
 
             aead = await vault.create_key(KeyType.AES_256_GCM, "demo-aead")
             ciphertext = await vault.encrypt(aead.key_id, b"card 4111-1111", b"order-42")
-            assert await vault.decrypt(aead.key_id, ciphertext, b"order-42") == b"card 4111-1111"
+            opened = await vault.decrypt(aead.key_id, ciphertext, b"order-42")
+            _check(opened == b"card 4111-1111", "decrypt")
             try:
                 await vault.decrypt(aead.key_id, ciphertext, b"order-43")
                 raise SystemExit("demo failed: wrong associated data accepted")
@@ -106,10 +113,11 @@ async def _run(listen: str, connect: str) -> None:
         async with vrpc.connect(connect, policy=policy, root=root) as client:
             vault = client.stub(KeyVault)
             restored = await vault.unseal(sealed)
-            assert await vault.public_key(signing.key_id) == public_key
+            _check(await vault.public_key(signing.key_id) == public_key, "same public key")
             signature2 = await vault.sign(signing.key_id, message)
-            assert await vault.verify(signing.key_id, message, signature2)
-            assert await vault.decrypt(aead.key_id, ciphertext, b"order-42") == b"card 4111-1111"
+            _check(await vault.verify(signing.key_id, message, signature2), "restored key signs")
+            opened = await vault.decrypt(aead.key_id, ciphertext, b"order-42")
+            _check(opened == b"card 4111-1111", "decrypt")
             _say("restart, unseal through KMS", f"{len(restored)} keys back, old ciphertext opens")
 
             echo = client.stub(Echo)
