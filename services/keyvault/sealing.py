@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from services.keyvault.cms import open_envelope
 from services.keyvault.interface import MAX_SEALED_BYTES
 from services.keyvault.kms import KmsClient
+from vrpc.attestation import Attester
 from vrpc.exceptions import VrpcError
 
 __all__ = [
@@ -66,18 +67,6 @@ _RSA_BITS = 2048
 
 class SealedFormatError(VrpcError):
     """The bytes are not a sealed key store of a known version, or do not authenticate."""
-
-
-class Attester(Protocol):
-    """What sealing needs from ``vrpc.attestation`` (``NsmAttester`` in the enclave)."""
-
-    def attest(
-        self,
-        *,
-        user_data: bytes | None = None,
-        nonce: bytes | None = None,
-        public_key: bytes | None = None,
-    ) -> bytes: ...
 
 
 class Sealer(Protocol):
