@@ -68,5 +68,10 @@ async def _measure(items: int, delay: float) -> dict[str, Any]:
 def measure(quick: bool) -> dict[str, Any]:
     """Run the measurement in a fresh event loop (stdlib asyncio; buffering, not speed)."""
     # Errors only, as in the benchmark workers: the test attester's warnings are expected here.
+    # This runs in the suite's own process (and in tests): restore the caller's configuration.
+    saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    return asyncio.run(_measure(items=20 if quick else 200, delay=0.002))
+    try:
+        return asyncio.run(_measure(items=20 if quick else 200, delay=0.002))
+    finally:
+        structlog.configure(**saved)

@@ -69,11 +69,17 @@ class MemoryTransport(asyncio.Transport):
         self._closing = True
         self._loop.call_soon(self._lost, context=_BARE)
         if self.peer is not None and not self.peer._closing:
-            self.peer._closing = True
-            self._loop.call_soon(self.peer._lost, context=_BARE)
+            # Queued after the bytes already written, as a socket's FIN follows its data: the
+            # peer reads everything we sent (a handshake alert, say) before it sees the close.
+            self._loop.call_soon(self.peer._peer_closed, context=_BARE)
 
     def abort(self) -> None:
         self.close()
+
+    def _peer_closed(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._lost()
 
     def _lost(self) -> None:
         if self._protocol is not None:
