@@ -15,12 +15,12 @@ import os
 import time
 import typing
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import vrpc
 from services.echo import Echo, EchoImpl
+from vrpc._verify import handshake_verifier
 from vrpc.proto.connection import Connection, Role
 from vrpc.proto.handshake import ClientHandshake, HandshakeComplete
 from vrpc.proto.record import Session
@@ -200,19 +200,7 @@ class RawSession:
             hs = ClientHandshake(mode="plaintext", verify=None)
         else:
             att = attester()
-            verifier = vrpc.Verifier(att.policy(), att.trust_root())
-
-            def verify(
-                document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
-            ) -> Any:
-                return verifier.verify(
-                    document,
-                    now=datetime.fromtimestamp(now, UTC),
-                    nonce=nonce,
-                    public_key=public_key,
-                    user_data=user_data,
-                )
-
+            verify = handshake_verifier(vrpc.Verifier(att.policy(), att.trust_root()))
             hs = ClientHandshake(mode="dev-insecure", verify=verify)
         hs.initiate()
         writer.write(hs.data_to_send())

@@ -4,8 +4,6 @@ document, the responder verifies it with its own policy, and handlers read the p
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -25,24 +23,9 @@ class WhoAmIImpl(WhoAmI):
         return bytes(claims.pcrs[0])
 
 
-def peer_verifier(
-    trusted: vrpc.InsecureTestAttester,
-) -> Callable[..., Any]:
-    """The responder's check of initiators: its own policy and root, in the handshake's terms."""
-    verifier = vrpc.Verifier(trusted.policy(), trusted.trust_root())
-
-    def verify(
-        document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
-    ) -> vrpc.Claims:
-        return verifier.verify(
-            document,
-            now=datetime.fromtimestamp(now, UTC),
-            nonce=nonce,
-            public_key=public_key,
-            user_data=user_data,
-        )
-
-    return verify
+def trusting(initiator: vrpc.InsecureTestAttester) -> vrpc.Verifier:
+    """The responder's own policy for initiators (here: exactly that enclave's PCRs)."""
+    return vrpc.Verifier(initiator.policy(), initiator.trust_root())
 
 
 async def test_handler_reads_the_verified_claims_of_an_attested_client(
@@ -50,9 +33,7 @@ async def test_handler_reads_the_verified_claims_of_an_attested_client(
 ) -> None:
     uri = new_uri()
     initiator = vrpc.InsecureTestAttester(seed=b"initiator enclave", pcrs={0: b"\x42" * 48})
-    server = vrpc.Server(
-        [WhoAmIImpl()], attester=attester, mutual_verifier=peer_verifier(initiator)
-    )
+    server = vrpc.Server([WhoAmIImpl()], attester=attester, mutual_verifier=trusting(initiator))
     await server.start(uri)
     try:
         async with vrpc.connect(
@@ -69,7 +50,7 @@ async def test_unattested_or_wrongly_attested_clients_are_refused(
     uri = new_uri()
     expected = vrpc.InsecureTestAttester(seed=b"initiator enclave", pcrs={0: b"\x42" * 48})
     impostor = vrpc.InsecureTestAttester(seed=b"initiator enclave", pcrs={0: b"\x13" * 48})
-    server = vrpc.Server([WhoAmIImpl()], attester=attester, mutual_verifier=peer_verifier(expected))
+    server = vrpc.Server([WhoAmIImpl()], attester=attester, mutual_verifier=trusting(expected))
     await server.start(uri)
     try:
         # No document at all: the server refuses in the handshake and says why (an alert).

@@ -15,12 +15,12 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
 
 from vrpc._shell import FlowGate, ShellProtocol, monotonic
+from vrpc._verify import handshake_verifier
 from vrpc.context import CallOptions, _current, _options
 from vrpc.exceptions import (
     AttestationError,
@@ -211,22 +211,10 @@ class Client:
 
     # ------------------------------------------------------------------ connection management
 
-    def _verify(
-        self, document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
-    ) -> Any:
-        assert self._verifier is not None
-        return self._verifier.verify(
-            document,
-            now=datetime.fromtimestamp(now, UTC),
-            nonce=nonce,
-            public_key=public_key,
-            user_data=user_data,
-        )
-
     def _new_handshake(self) -> ClientHandshake:
         return ClientHandshake(
             mode=self.mode,
-            verify=None if self.plaintext else self._verify,
+            verify=None if self._verifier is None else handshake_verifier(self._verifier),
             service=self.service,
             mutual=self.mutual_attester is not None,
         )

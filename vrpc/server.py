@@ -22,6 +22,8 @@ import structlog
 
 from vrpc._shell import BARE_CONTEXT, FlowGate, ShellProtocol, monotonic
 from vrpc._validation import ArgumentBinder
+from vrpc._verify import handshake_verifier
+from vrpc.attestation import Verifier
 from vrpc.context import CallContext, Peer, _current
 from vrpc.exceptions import RpcError
 from vrpc.metrics import Metrics
@@ -405,6 +407,9 @@ class Server:
     a Nitro enclave (the default), ``InsecureTestAttester()`` on machines without Nitro (the
     clients must opt in to trust it). ``allow_plaintext=True`` additionally accepts clients that
     explicitly ask for an unencrypted session (for measuring the cost of encryption only).
+    ``mutual_verifier=vrpc.Verifier(policy, root)`` requires every client to present its own
+    attestation document (enclave to enclave); handlers read the verified claims from
+    ``vrpc.current_call().peer.claims``.
     """
 
     def __init__(
@@ -440,6 +445,8 @@ class Server:
                 "refusing the insecure test attester: /dev/nsm exists (this is a real enclave)"
             )
         self.allow_plaintext = allow_plaintext
+        if isinstance(mutual_verifier, Verifier):
+            mutual_verifier = handshake_verifier(mutual_verifier)
         self.mutual_verifier = mutual_verifier
         self.interceptors = list(interceptors)
         self.max_send_message_size = max_send_message_size

@@ -1,0 +1,34 @@
+"""The bridge between the attestation library and the sans-IO handshake.
+
+The handshake core passes time as a float (it never reads a clock) and asks a plain callable to
+verify the peer's document; ``vrpc.attestation.Verifier`` wants a timezone-aware datetime. Both
+shells (the client checking the enclave, a server checking attested clients) use this one adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from vrpc.attestation import Claims, Verifier
+
+__all__ = ["HandshakeVerify", "handshake_verifier"]
+
+HandshakeVerify = Callable[..., Claims]
+
+
+def handshake_verifier(verifier: Verifier) -> HandshakeVerify:
+    """``verify(document, *, nonce, public_key, user_data, now)`` for the handshake."""
+
+    def verify(
+        document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
+    ) -> Claims:
+        return verifier.verify(
+            document,
+            now=datetime.fromtimestamp(now, UTC),
+            nonce=nonce,
+            public_key=public_key,
+            user_data=user_data,
+        )
+
+    return verify
