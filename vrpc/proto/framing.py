@@ -52,7 +52,9 @@ class FrameDecoder:
         next item is requested (it is released then): a consumer that decodes in place saves a
         copy of every message (a megabyte for a 1 MiB payload). Run the generator to its end."""
         buf = self._buf
-        direct = not buf and type(data) is bytes
+        # A bytearray is read in place too: the views are released before this returns, and
+        # only a trailing partial frame is copied.
+        direct = not buf and type(data) in (bytes, bytearray)
         if direct:
             # Nothing pending: read the frames straight out of the received chunk and keep
             # only a trailing partial frame.

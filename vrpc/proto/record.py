@@ -90,12 +90,14 @@ class Session(Protocol):
     encrypted: bool
     created_at: float | None
 
-    def receive(self, data: bytes) -> bytes:
-        """Wire bytes in, plaintext stream bytes out (possibly ``b""``)."""
+    def receive(self, data: bytes) -> bytes | bytearray:
+        """Wire bytes in, plaintext stream bytes out (possibly ``b""``). A returned bytearray
+        is the caller's: the session never touches it again."""
         ...
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
-        """Plaintext stream bytes in; the wire bytes to send, in order (for writelines)."""
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+        """Plaintext stream bytes in; the wire bytes to send, in order (for writelines). The
+        returned buffers are fresh and never touched again by the session."""
         ...
 
     def close(self) -> bytes:
@@ -125,7 +127,7 @@ class PlaintextSession:
     def receive(self, data: bytes) -> bytes:
         return bytes(data)
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         # bytes(b) of a bytes object is the same object: no copy in the common case, and a
         # caller's bytearray is copied so we never keep a buffer the caller may mutate.
         return [bytes(plaintext)] if len(plaintext) else []
@@ -248,7 +250,7 @@ class RecordSession:
 
     # -- receiving --------------------------------------------------------------------------------
 
-    def receive(self, data: bytes | bytearray | memoryview) -> bytes:
+    def receive(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         if self._failed:
             raise RemoteProtocolError("session already failed")
         if self.peer_closed:
@@ -268,55 +270,101 @@ class RecordSession:
             view = data
         end = len(view)
         pos = 0
-        out: list[bytes] = []
         max_ct = self._max_recv_ct
         seq = self._recv_seq
         iv = self._recv_iv
+        result: bytes | bytearray = b""
         with memoryview(view) as mv:
-            while end - pos >= HEADER_LEN:
-                rtype, length = _unpack_hdr(mv, pos)
+            # Pass 1: find the complete records, checking each header as soon as it is seen
+            # (an oversize length fails before anything is buffered for it). The first bad
+            # header stops the scan; the records before it are still authenticated first, so
+            # errors come out in wire order.
+            records: list[tuple[int, int, int]] = []
+            header_error: RemoteProtocolError | None = None
+            data_bytes = 0
+            data_records = 0
+            scan = pos
+            while end - scan >= HEADER_LEN:
+                rtype, length = _unpack_hdr(mv, scan)
                 if length > max_ct:
-                    self._recv_seq = seq
-                    raise self._fail(
-                        FrameTooLarge(f"record of {length} bytes exceeds the maximum of {max_ct}")
+                    header_error = FrameTooLarge(
+                        f"record of {length} bytes exceeds the maximum of {max_ct}"
                     )
-                stop = pos + HEADER_LEN + length
+                    break
+                stop = scan + HEADER_LEN + length
                 if stop > end:
                     break
                 if rtype != REC_DATA and (
                     length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
                 ):
-                    raise self._fail(RemoteProtocolError("malformed record header"))
-                if length < TAG_LEN:
-                    raise self._fail(RemoteProtocolError("record shorter than its tag"))
-                try:
-                    plain = aead.decrypt(
-                        (iv ^ seq).to_bytes(12, "big"),
-                        mv[pos + HEADER_LEN : stop],
-                        mv[pos : pos + HEADER_LEN],
-                    )
-                except InvalidTag:
-                    raise self._fail(RemoteProtocolError("record authentication failed")) from None
-                seq += 1
-                pos = stop
-                if rtype == REC_DATA:
-                    if plain:
-                        out.append(plain)
-                    if seq >= RECEIVE_RECORDS_PER_KEY:
-                        raise self._fail(RemoteProtocolError("peer did not update its key in time"))
-                elif rtype == REC_KEY_UPDATE:
-                    secret = self._recv_secret
-                    assert secret is not None
-                    self._install_recv(update_secret(secret))
-                    aead = self._recv_aead
-                    assert aead is not None
-                    seq = 0
-                    iv = self._recv_iv
-                else:  # REC_CLOSE
-                    if pos != end:
-                        raise self._fail(RemoteProtocolError("data after the peer's CLOSE record"))
-                    self.peer_closed = True
+                    header_error = RemoteProtocolError("malformed record header")
                     break
+                if length < TAG_LEN:
+                    header_error = RemoteProtocolError("record shorter than its tag")
+                    break
+                records.append((rtype, scan, stop))
+                if rtype == REC_DATA:
+                    data_bytes += length - TAG_LEN
+                    data_records += 1
+                scan = stop
+                if rtype == REC_CLOSE:
+                    break  # anything after it is refused below
+            # Pass 2: authenticate and decrypt in order. Several records, or a large one, are
+            # decrypted straight into one buffer (decrypt_into): no plaintext object per record
+            # and no join afterwards.
+            into = data_records > 1 or data_bytes >= _JOIN_BELOW
+            chunks: list[bytes] = []
+            out_buf = bytearray(data_bytes) if into else None
+            filled = 0
+            with memoryview(out_buf if out_buf is not None else b"") as dst:
+                for rtype, start, stop in records:
+                    nonce = (iv ^ seq).to_bytes(12, "big")
+                    body = mv[start + HEADER_LEN : stop]
+                    hdr = mv[start : start + HEADER_LEN]
+                    try:
+                        if into and rtype == REC_DATA:
+                            size = stop - start - HEADER_LEN - TAG_LEN
+                            aead.decrypt_into(nonce, body, hdr, dst[filled : filled + size])
+                            filled += size
+                        else:
+                            plain = aead.decrypt(nonce, body, hdr)
+                    except InvalidTag:
+                        self._recv_seq = seq
+                        raise self._fail(
+                            RemoteProtocolError("record authentication failed")
+                        ) from None
+                    finally:
+                        # Slices pin the buffer: release them so it can be resized below.
+                        body.release()
+                        hdr.release()
+                    seq += 1
+                    pos = stop
+                    if rtype == REC_DATA:
+                        if not into and plain:
+                            chunks.append(plain)
+                        if seq >= RECEIVE_RECORDS_PER_KEY:
+                            raise self._fail(
+                                RemoteProtocolError("peer did not update its key in time")
+                            )
+                    elif rtype == REC_KEY_UPDATE:
+                        secret = self._recv_secret
+                        assert secret is not None
+                        self._install_recv(update_secret(secret))
+                        fresh = self._recv_aead
+                        assert fresh is not None
+                        aead = fresh
+                        seq = 0
+                        iv = self._recv_iv
+                    else:  # REC_CLOSE
+                        if stop != end:
+                            raise self._fail(
+                                RemoteProtocolError("data after the peer's CLOSE record")
+                            )
+                        self.peer_closed = True
+                        break
+            if header_error is not None:
+                self._recv_seq = seq
+                raise self._fail(header_error)
             if not self.peer_closed and view is not buf and pos < end:
                 buf += mv[pos:]
         # Outside the ``with``: a bytearray cannot be resized while a memoryview exports it.
@@ -326,9 +374,11 @@ class RecordSession:
             self._recv_seq = seq
             if view is buf and pos:
                 del buf[:pos]
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
+        if out_buf is not None:
+            result = out_buf
+        elif chunks:
+            result = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return result
 
     def eof_received(self) -> None:
         if self._failed:
@@ -359,9 +409,9 @@ class RecordSession:
         assert aead is not None
         return aead
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes]:
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         aead = self._check_send()
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
         total = len(plaintext)
         if not total:
             if self._update_requested:
@@ -371,6 +421,7 @@ class RecordSession:
         seq = self._send_seq
         if (
             total <= max_send
+            and total < _JOIN_BELOW
             and not self._update_requested
             and seq < self._ku_records
             and self._send_bytes < self._ku_bytes
@@ -380,8 +431,15 @@ class RecordSession:
             ct = aead.encrypt((self._send_iv ^ seq).to_bytes(12, "big"), plaintext, hdr)
             self._send_seq = seq + 1
             self._send_bytes += total
-            return [hdr + ct] if total < _JOIN_BELOW else [hdr, ct]
-        with memoryview(plaintext) as mv:
+            return [hdr + ct]
+        # General path: every record (and any key update due before one) is written into one
+        # fresh buffer, encrypted in place with encrypt_into: no ciphertext object per record and
+        # no join (measured ~3.5x faster than encrypt() + writelines for 1 MiB in 64 KiB records).
+        # The buffer is handed over and never touched again (transports may keep a reference).
+        records = -(-total // max_send)
+        buf = bytearray(total + records * (2 * HEADER_LEN + 2 * TAG_LEN))
+        end = 0
+        with memoryview(plaintext) as src, memoryview(buf) as dst:
             pos = 0
             while pos < total:
                 if (
@@ -389,22 +447,28 @@ class RecordSession:
                     or self._send_seq >= self._ku_records
                     or self._send_bytes >= self._ku_bytes
                 ):
-                    out.append(self._key_update_record())
+                    update = self._key_update_record()
+                    dst[end : end + len(update)] = update
+                    end += len(update)
                     fresh = self._send_aead
                     assert fresh is not None
                     aead = fresh
                 size = min(max_send, total - pos)
                 hdr = _pack_hdr(REC_DATA, size + TAG_LEN)
-                chunk = plaintext if size == total else mv[pos : pos + size]
-                ct = aead.encrypt((self._send_iv ^ self._send_seq).to_bytes(12, "big"), chunk, hdr)
+                dst[end : end + HEADER_LEN] = hdr
+                end += HEADER_LEN
+                aead.encrypt_into(
+                    (self._send_iv ^ self._send_seq).to_bytes(12, "big"),
+                    src[pos : pos + size],
+                    hdr,
+                    dst[end : end + size + TAG_LEN],
+                )
+                end += size + TAG_LEN
                 self._send_seq += 1
                 self._send_bytes += size
-                if size < _JOIN_BELOW:
-                    out.append(hdr + ct)
-                else:
-                    out.append(hdr)
-                    out.append(ct)
                 pos += size
+        del buf[end:]  # room reserved for key updates that were not due
+        out.append(buf)
         return out
 
     def close(self) -> bytes:
