@@ -73,9 +73,9 @@ KEY_UPDATE_RECORDS = 1 << 20
 KEY_UPDATE_BYTES = 1 << 34
 RECEIVE_RECORDS_PER_KEY = 1 << 24
 _MAX_KEY_UPDATE_RECORDS = RECEIVE_RECORDS_PER_KEY
-# Below this size a record is returned as one bytes object (header + ciphertext); above it the
-# header and the ciphertext are separate list items so a large ciphertext is never copied again
-# (the shell writes the list with writelines).
+# A single small record is sealed and opened with the allocating AEAD calls (cheapest for a few
+# bytes); from this size on, or for several records at once, the *_into calls work in one
+# preallocated buffer instead of one object per record plus a join.
 _JOIN_BELOW = 16384
 
 _hdr = struct.Struct(">BI")
