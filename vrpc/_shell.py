@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from vrpc.exceptions import AttestationError, HandshakeError, RemoteProtocolError, RpcError
+from vrpc.exceptions import AttestationError, HandshakeError, RemoteProtocolError
 from vrpc.proto.connection import Connection
 from vrpc.proto.events import Event
 from vrpc.proto.handshake import HandshakeComplete, NeedAttestation
@@ -371,7 +371,3 @@ class ShellProtocol(asyncio.Protocol):
 
     def handle_events(self, events: list[Event]) -> None:
         raise NotImplementedError
-
-
-def rpc_error_from(status: Status, message: str, details: Any = None) -> RpcError:
-    return RpcError(status, message, details)
