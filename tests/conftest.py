@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 import vrpc
 
@@ -124,3 +125,16 @@ def attester(insecure_env: None) -> vrpc.InsecureTestAttester:
 def uri_on() -> Callable[[str, Path], str]:
     """``uri_on(transport, tmp_path)``: a fresh address on a given transport."""
     return make_uri
+
+
+@pytest.fixture
+def keep_structlog_config() -> Iterator[None]:
+    """Put structlog's configuration back after a test whose code reconfigures it (the CLI and
+    the demo own their process and configure logging)."""
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    if was_configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from vrpc.cli import main
 
@@ -23,15 +22,9 @@ SEED = "cli-tests"
 
 
 @pytest.fixture(autouse=True)
-def _structlog_config() -> Iterator[None]:
-    # main() points the default structlog printer at stderr: undo that after each test.
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
+def _structlog_config(keep_structlog_config: None) -> None:
+    # main() points the default structlog printer at stderr: undone after each test.
+    return None
 
 
 @pytest.fixture(scope="module")

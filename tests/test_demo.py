@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import structlog
 
 from vrpc.demo import main
 
 
 @pytest.fixture(autouse=True)
-def _restore(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _restore(monkeypatch: pytest.MonkeyPatch, keep_structlog_config: None) -> None:
     # The demo opts in to test attestation through the environment and quiets structlog.
     monkeypatch.setenv("VRPC_INSECURE_TEST_ATTESTATION", "1")
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.mark.slow

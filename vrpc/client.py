@@ -460,10 +460,8 @@ class Client:
         timeout: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
-        proto: _ClientConnection | None = None,
     ) -> Any:
-        if proto is None or monotonic() - proto.established_at >= self.max_session_age:
-            proto = await self._connection()
+        proto = await self._connection()
         conn = proto.conn
         call_id = conn.start_call(method, args, now=monotonic(), timeout=timeout, metadata=metadata)
         future: asyncio.Future[Any] = proto.loop.create_future()

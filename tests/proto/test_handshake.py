@@ -8,7 +8,6 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vrpc._verify import handshake_verifier
 from vrpc.exceptions import (
     AttestationError,
     BindingMismatch,
@@ -621,19 +621,7 @@ def _real_pair(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     monkeypatch.setenv("VRPC_INSECURE_TEST_ATTESTATION", "1")
     attester = attestation.InsecureTestAttester(seed=b"handshake-tests")
     verifier = attestation.Verifier(attester.policy(), attester.trust_root())
-
-    def verify(
-        document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float
-    ) -> object:
-        return verifier.verify(
-            document,
-            now=datetime.fromtimestamp(now, UTC),
-            nonce=nonce,
-            public_key=public_key,
-            user_data=user_data,
-        )
-
-    return attester, verify
+    return attester, handshake_verifier(verifier)
 
 
 def _run_real(
@@ -677,11 +665,7 @@ def test_insecure_test_attester_wrong_pcr(monkeypatch: pytest.MonkeyPatch) -> No
     attestation = pytest.importorskip("vrpc.attestation")
     attester, _ = _real_pair(monkeypatch)
     policy = attestation.Policy(pcrs={0: bytes([1]) * 48})
-    verifier = attestation.Verifier(policy, attester.trust_root())
-
-    def verify(document: bytes, *, now: float, **bindings: bytes) -> object:
-        return verifier.verify(document, now=datetime.fromtimestamp(now, UTC), **bindings)
-
+    verify = handshake_verifier(attestation.Verifier(policy, attester.trust_root()))
     client = ClientHandshake(mode="dev-insecure", verify=verify)
     server = ServerHandshake(mode="dev-insecure")
     with pytest.raises(PolicyViolation, match="PCR0"):
