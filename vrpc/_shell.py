@@ -70,6 +70,7 @@ class ShellProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer_address = "?"
         self.peer_claims: Any = None
+        self.channel_binding = b""
         self.mode = ""
         self.closed = False
         self.write_gate = FlowGate()
@@ -260,6 +261,7 @@ class ShellProtocol(asyncio.Protocol):
             self._handshake_timer = None
         self.session = done.session
         self.peer_claims = done.peer_claims
+        self.channel_binding = getattr(done.session, "channel_binding", b"")
         self.mode = done.mode
         self.handshake = None
         self.conn.start_clock(monotonic())

@@ -208,6 +208,8 @@ class Client:
         self._retired: set[_ClientConnection] = set()
         self._closed = False
         self.peer_claims: Any = None
+        # The current session's channel binding (docs/guide.md); b"" before connecting.
+        self.channel_binding = b""
 
     # ------------------------------------------------------------------ connection management
 
@@ -279,6 +281,7 @@ class Client:
             except RemoteProtocolError as exc:
                 raise HandshakeError(str(exc)) from exc
             self.peer_claims = proto.peer_claims
+            self.channel_binding = proto.channel_binding
             log.info("connected", address=self.uri, mode=proto.mode)
             return proto
 

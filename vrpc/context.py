@@ -28,6 +28,9 @@ class Peer:
     address: str
     claims: Any = None  # vrpc.attestation.Claims of an attested peer (mutual attestation)
     mode: str = ""
+    # A 48-byte value unique to this session and equal on both ends (b"" in plaintext mode):
+    # bind application tokens to the attested session with it (docs/guide.md, channel binding).
+    channel_binding: bytes = b""
 
 
 class CallContext:

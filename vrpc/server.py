@@ -144,7 +144,7 @@ class _ServerConnection(ShellProtocol):
         server._connections.add(self)
 
     def on_established(self) -> None:
-        self.peer = Peer(self.peer_address, self.peer_claims, self.mode)
+        self.peer = Peer(self.peer_address, self.peer_claims, self.mode, self.channel_binding)
         log.info("connection open", peer=self.peer_address, mode=self.mode)
         if self.server._draining:
             self.conn.goaway("server is shutting down")
