@@ -394,7 +394,9 @@ async def test_client_disconnect_cancels_all_its_handlers(
         for task in tasks:
             with pytest.raises(vrpc.RpcError) as info:
                 await wait_for(task)
-            assert info.value.status is vrpc.Status.UNAVAILABLE
+            # Refused visibly by the server before it answered our CLOSE with its own.
+            assert info.value.status is vrpc.Status.CANCELLED
+            assert info.value.message == "the client closed the connection"
         await until(lambda: server.connection_count == 1, "connection forgotten")
         assert server.calls_in_flight == 0
         assert await other.remaining() is None
@@ -448,10 +450,23 @@ async def test_oversize_request_closes_the_connection(serve: Serve) -> None:
         assert await client.stub(Calls).sink(b"z") == 1
 
 
-@pytest.mark.parametrize("limit", ["max_calls_per_connection", "max_concurrent_calls"])
-async def test_calls_in_flight_limit(serve: Serve, limit: str) -> None:
+async def test_calls_beyond_the_announced_connection_limit_wait_in_order(serve: Serve) -> None:
     impl = CallsImpl()
-    async with serve("memory://inflight", [impl], {limit: 2}) as (_, client):
+    options = {"max_calls_per_connection": 2}
+    async with serve("memory://inflight", [impl], options) as (_, client):
+        tasks = [asyncio.create_task(client.stub(Calls).hold()) for _ in range(2)]
+        await until(lambda: impl.started == 2, "two calls running")
+        queued = asyncio.create_task(client.stub(Calls).remaining())
+        await asyncio.sleep(0.1)
+        assert not queued.done() and impl.started == 2  # held back by the client, not refused
+        impl.release.set()
+        assert await wait_for(asyncio.gather(*tasks)) == ["released ", "released "]
+        assert await wait_for(queued) is None
+
+
+async def test_calls_in_flight_limit(serve: Serve) -> None:
+    impl = CallsImpl()
+    async with serve("memory://inflight", [impl], {"max_concurrent_calls": 2}) as (_, client):
         tasks = [asyncio.create_task(client.stub(Calls).hold()) for _ in range(2)]
         await until(lambda: impl.started == 2, "two calls running")
         with pytest.raises(vrpc.RpcError) as info:

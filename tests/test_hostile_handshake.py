@@ -13,7 +13,7 @@ from pathlib import Path
 from hostile_helpers import HonestProbe, serving, sock_path, sock_uri, wait_until
 from structlog.testing import capture_logs
 
-from vrpc.proto.handshake import MsgType
+from vrpc.proto.handshake import Alert, MsgType, alert_frame
 
 
 async def _read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -87,8 +87,9 @@ async def test_many_idle_connections_and_the_connection_limit(tmp_path: Path) ->
         with capture_logs() as logs:
             extra = [await asyncio.open_unix_connection(sock_path(uri)) for _ in range(20)]
             for reader, _ in extra:
-                # Refused beyond the limit: closed at once, no handshake answer.
-                assert await _read_until_closed(reader, timeout=5) == b""
+                # Refused beyond the limit: an ALERT saying why, then closed at once.
+                refusal = await _read_until_closed(reader, timeout=5)
+                assert refusal == alert_frame(Alert.CONNECTION_LIMIT)
         refused = [e for e in logs if e.get("reason") == "connection limit"]
         assert len(refused) == 20
         assert server.connection_count == limit

@@ -83,8 +83,8 @@ async def test_no_payloads_or_keys_in_logs(tmp_path: Path) -> None:
                 await c.call(MARKER.decode(), [MARKER])
             assert await c.stub(Echo).echo(MARKER) == MARKER
             proto: Any = c._proto
-            secrets["client send secret"] = proto.session._send_secret
-            secrets["client recv secret"] = proto.session._recv_secret
+            secrets["client send secret"] = proto.endpoint.session._send_secret
+            secrets["client recv secret"] = proto.endpoint.session._recv_secret
             for key in vault._keys.values():
                 secrets[f"key material {key.info.key_type}"] = key.material
 

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from vrpc.exceptions import RpcError
-from vrpc.service import Service, rpc
+from vrpc.metrics import Metrics
+from vrpc.service import MethodSpec, Service, rpc
 from vrpc.status import Status
 
-if TYPE_CHECKING:
-    from vrpc.server import Server
+
+class ServerView(Protocol):
+    """What health and reflection read from the server that serves them, and nothing more."""
+
+    metrics: Metrics
+
+    @property
+    def methods(self) -> Mapping[str, MethodSpec]: ...
+
+    @property
+    def connection_count(self) -> int: ...
+
+    @property
+    def calls_in_flight(self) -> int: ...
+
 
 __all__ = ["Health", "HealthApi", "MethodInfo", "Reflection", "ReflectionApi"]
 
@@ -26,7 +41,7 @@ class HealthApi(Service, name="vrpc.health"):
 
 
 class Health(HealthApi):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ServerView) -> None:
         self._server = server
         self._overall = SERVING
         self._status: dict[str, str] = {}
@@ -69,7 +84,7 @@ class ReflectionApi(Service, name="vrpc.reflection"):
 
 
 class Reflection(ReflectionApi):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ServerView) -> None:
         self._server = server
 
     async def list_services(self) -> dict[str, list[MethodInfo]]:

@@ -1,5 +1,6 @@
 """The client shell: connect (retrying while the enclave boots), verify the attestation in the
-handshake, multiplex calls, reconnect after a loss, retry idempotent calls, typed stubs.
+handshake, multiplex calls (queueing beyond the server's announced limit), reconnect after a
+loss, retry idempotent calls, typed stubs.
 
 ::
 
@@ -12,43 +13,57 @@ handshake, multiplex calls, reconnect after a loss, retry idempotent calls, type
 from __future__ import annotations
 
 import asyncio
-import random
+import collections
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import structlog
 
-from vrpc._shell import FlowGate, ShellProtocol, monotonic
+from vrpc._retry import backoff_delays, retrying
+from vrpc._shell import EndpointProtocol, FlowGate, monotonic
 from vrpc._verify import handshake_verifier
 from vrpc.context import CallOptions, _current, _options
-from vrpc.exceptions import (
-    AttestationError,
-    ConnectError,
-    HandshakeError,
-    RemoteProtocolError,
-    RpcError,
+from vrpc.exceptions import AttestationError, ConnectError, HandshakeError, RpcError
+from vrpc.proto.connection import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    UNPROCESSED,
+    Connection,
+    Role,
+    is_unprocessed,
 )
-from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, Connection, Role
+from vrpc.proto.endpoint import Endpoint
 from vrpc.proto.events import (
-    ConnectionTerminated,
+    AttestationRequested,
+    CallCancelled,
+    ConnectionClosed,
     CreditAvailable,
+    EndpointEvent,
     ErrorReceived,
-    Event,
     GoAwayReceived,
     HeadersReceived,
     ItemReceived,
+    PongReceived,
+    RequestReceived,
     ResponseReceived,
+    SessionEstablished,
+    SettingsReceived,
+    StreamEnded,
 )
 from vrpc.proto.handshake import ClientHandshake
 from vrpc.service import Service
 from vrpc.status import Status
+from vrpc.stub import make_stub
 from vrpc.transport import create_connection, parse_address
 
 __all__ = ["Client", "ClientInterceptor", "connect"]
 
 log = structlog.get_logger("vrpc.client")
 T = TypeVar("T", bound=Service)
+
+# Calls a client sends before the server's SETTINGS tell it the real limit. A server with a lower
+# limit refuses the excess as unprocessed, and the client sends those again (docs/protocol.md).
+INITIAL_MAX_CALLS = 100
 
 
 class _Pending:
@@ -63,76 +78,216 @@ class _Pending:
         self.gate: FlowGate | None = None
 
 
-class _ClientConnection(ShellProtocol):
+def _unprocessed(exc: RpcError) -> bool:
+    """The server says it never started this call: sending it again is safe for any call."""
+    return is_unprocessed(exc.details)
+
+
+class _ClientConnection(EndpointProtocol):
     def __init__(self, client: Client) -> None:
+        super().__init__(attester=client.mutual_attester)
         self.client = client
-        conn = Connection(
+        self.pending: dict[int, _Pending] = {}
+        self.draining = False
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.peer_claims: Any = None
+        self.channel_binding = b""
+        self.mode = ""
+        # Calls waiting for a free slot under the server's limit, in arrival order.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
+        client = self.client
+        self.conn = Connection(
             Role.CLIENT,
             max_send_message_size=client.max_send_message_size,
             max_receive_message_size=client.max_receive_message_size,
             keepalive_interval=client.keepalive_interval,
             keepalive_timeout=client.keepalive_timeout,
         )
-        super().__init__(conn, client._new_handshake(), attester=client.mutual_attester)
-        self.handshake_timeout = client.handshake_timeout
-        self.pending: dict[int, _Pending] = {}
-        self.draining = False
-        self.established_at = 0.0
+        return Endpoint(
+            client._new_handshake(),
+            self.conn,
+            now=now,
+            wall_clock=wall_clock,
+            handshake_timeout=client.handshake_timeout,
+            max_session_age=client.max_session_age,
+        )
 
     def on_connection_made(self) -> None:
-        self.handshake.initiate()
+        self.after(self.endpoint.initiate(monotonic()))
 
-    def on_established(self) -> None:
-        self.established_at = monotonic()
+    # ------------------------------------------------------------------ capacity
 
-    def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
-        self.draining = True
-        for pending in self.pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(RpcError(Status.UNAVAILABLE, "connection lost"))
-            if pending.gate is not None:
-                pending.gate.open()
-        self.pending.clear()
-        self.client._connection_lost(self)
+    @property
+    def max_calls(self) -> int:
+        return self.conn.peer_max_calls or INITIAL_MAX_CALLS
 
-    def handle_events(self, events: list[Event]) -> None:
+    def usable(self, now: float) -> bool:
+        return not self.draining and self.endpoint.is_open and not self.endpoint.expired(now)
+
+    def has_slot(self) -> bool:
+        return len(self.pending) < self.max_calls and not self._waiters
+
+    async def wait_for_slot(self) -> None:
+        """Wait, in order, until a call may start under the server's announced limit."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._wake()  # we were handed a slot we will not use: pass it on
+            raise
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        free = self.max_calls - len(self.pending)
+        while waiters and free > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    def _fail_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # they find the connection unusable and move on
+
+    # ------------------------------------------------------------------ calls
+
+    def start(
+        self,
+        method: str,
+        args: list[Any],
+        options: CallOptions | None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        stream_request: bool = False,
+        stream_response: bool = False,
+    ) -> tuple[int, _Pending]:
+        now = monotonic()
+        call_id = self.conn.start_call(
+            method,
+            args,
+            now=now,
+            timeout=timeout,
+            metadata=metadata,
+            stream_request=stream_request,
+            stream_response=stream_response,
+        )
+        pending = _Pending(self.loop.create_future(), options)
+        self.pending[call_id] = pending
+        if len(self.pending) == 1:
+            # The only call in flight: nothing else can join this write, so send it now rather
+            # than a loop turn later (latency at 1 in flight; batches are unaffected).
+            self.flush_now()
+        else:
+            self.schedule_flush()
+        if timeout is not None:
+            self.arm_timer()
+        return call_id, pending
+
+    def abandon(self, call_id: int) -> None:
+        """The caller gave up: tell the server, forget the call."""
+        if self.conn.is_active(call_id):
+            self.conn.cancel(call_id)
+            self.schedule_flush()
+        self.finished(call_id)
+
+    def finished(self, call_id: int) -> None:
+        if self.pending.pop(call_id, None) is not None and self._waiters:
+            self._wake()
+        if self.draining and not self.pending:
+            self.client._idle_retired(self)
+
+    # ------------------------------------------------------------------ events
+
+    def dispatch(self, events: list[EndpointEvent]) -> None:
         pending_calls = self.pending
         for ev in events:
-            kind = type(ev)
-            if kind is ResponseReceived:
-                p = pending_calls.pop(ev.call_id, None)  # type: ignore[attr-defined]
-                if p is not None and not p.future.done():
-                    if p.options is not None and ev.trailers:  # type: ignore[attr-defined]
-                        p.options.trailers.update(ev.trailers)  # type: ignore[attr-defined]
-                    p.future.set_result(ev.result)  # type: ignore[attr-defined]
-            elif kind is ItemReceived:
-                p = pending_calls.get(ev.call_id)  # type: ignore[attr-defined]
-                if p is not None and p.items is not None:
-                    p.items.put_nowait((ev.item, ev.size))  # type: ignore[attr-defined]
-            elif kind is ErrorReceived:
-                p = pending_calls.pop(ev.call_id, None)  # type: ignore[attr-defined]
-                if p is not None and not p.future.done():
-                    if p.options is not None and ev.trailers:  # type: ignore[attr-defined]
-                        p.options.trailers.update(ev.trailers)  # type: ignore[attr-defined]
-                    p.future.set_exception(
-                        RpcError(ev.status, ev.message, ev.details)  # type: ignore[attr-defined]
-                    )
-                if p is not None and p.gate is not None:
-                    p.gate.open()
-            elif kind is HeadersReceived:
-                p = pending_calls.get(ev.call_id)  # type: ignore[attr-defined]
-                if p is not None and p.options is not None:
-                    p.options.headers.update(ev.metadata)  # type: ignore[attr-defined]
-            elif kind is CreditAvailable:
-                p = pending_calls.get(ev.call_id)  # type: ignore[attr-defined]
-                if p is not None and p.gate is not None:
-                    p.gate.open()
-            elif kind is GoAwayReceived:
-                self.draining = True
-                log.info("server draining", peer=self.peer_address, reason=ev.reason)  # type: ignore[attr-defined]
-                self.client._retire(self)
-            elif kind is ConnectionTerminated:
-                self.abort(None, ev.reason)  # type: ignore[attr-defined]
+            match ev:
+                case ResponseReceived():
+                    p = pending_calls.get(ev.call_id)
+                    if p is not None and not p.future.done():
+                        if p.options is not None and ev.trailers:
+                            p.options.trailers.update(ev.trailers)
+                        p.future.set_result(ev.result)
+                case ErrorReceived():
+                    p = pending_calls.get(ev.call_id)
+                    if p is not None:
+                        if not p.future.done():
+                            if p.options is not None and ev.trailers:
+                                p.options.trailers.update(ev.trailers)
+                            p.future.set_exception(RpcError(ev.status, ev.message, ev.details))
+                        if p.gate is not None:
+                            p.gate.open()
+                case ItemReceived():
+                    p = pending_calls.get(ev.call_id)
+                    if p is not None and p.items is not None:
+                        p.items.put_nowait((ev.item, ev.size))
+                case HeadersReceived():
+                    p = pending_calls.get(ev.call_id)
+                    if p is not None and p.options is not None:
+                        p.options.headers.update(ev.metadata)
+                case CreditAvailable():
+                    p = pending_calls.get(ev.call_id)
+                    if p is not None and p.gate is not None:
+                        p.gate.open()
+                case SettingsReceived():
+                    self._wake()  # the limit may have grown
+                case GoAwayReceived():
+                    log.info("server draining", peer=self.peer_address, reason=ev.reason)
+                    self.client._retire(self)
+                case PongReceived():
+                    pass  # the server is alive; the endpoint already noted it
+                case AttestationRequested():
+                    self.attest(ev)
+                case SessionEstablished():
+                    self.peer_claims = ev.peer_claims
+                    self.channel_binding = ev.channel_binding
+                    self.mode = ev.mode
+                    if not self.ready.done():
+                        self.ready.set_result(None)
+                case ConnectionClosed():
+                    self._closed(ev)
+                case RequestReceived() | StreamEnded() | CallCancelled():
+                    # The core refuses these from a server before they become events.
+                    raise AssertionError(f"server-side event on a client: {ev!r}")
+                case _:
+                    assert_never(ev)
+
+    def _closed(self, ev: ConnectionClosed) -> None:
+        self.connection_closed(ev)
+        self.draining = True
+        if not self.ready.done():
+            self.ready.set_exception(_handshake_failure(ev))
+            self.ready.exception()  # the awaiting side may already be gone
+        reason = ev.reason if ev.error is None else f"{ev.reason}: {ev.error}"
+        for pending in self.pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(RpcError(Status.UNAVAILABLE, reason))
+            if pending.gate is not None:
+                pending.gate.open()
+        self._fail_waiters()
+        self.client._connection_lost(self)
+
+
+def _handshake_failure(ev: ConnectionClosed) -> Exception:
+    """What awaiting a connection raises when it ended before its session was established."""
+    error = ev.error
+    if isinstance(error, AttestationError):
+        return error  # a verdict on the peer: never retried
+    if ev.retryable:
+        # The server is busy or the transport failed: a later or other attempt may succeed,
+        # and no call was sent on this connection.
+        busy = ev.reason in ("server at connection limit", "server busy with handshakes")
+        return RpcError(Status.UNAVAILABLE, ev.reason, {**UNPROCESSED, "busy": busy})
+    return HandshakeError(ev.reason) if not isinstance(error, HandshakeError) else error
 
 
 class ClientInterceptor:
@@ -224,12 +379,24 @@ class Client:
     async def connect(self) -> None:
         await self._connection()
 
+    @property
+    def calls_in_flight(self) -> int:
+        proto = self._proto
+        return 0 if proto is None else len(proto.pending)
+
+    @property
+    def saturated(self) -> bool:
+        """Every call slot of the current connection is taken (new calls would queue)."""
+        proto = self._proto
+        return proto is not None and not proto.has_slot()
+
     async def _connection(self) -> _ClientConnection:
         proto = self._proto
-        if proto is not None and not proto.closed and not proto.draining:
-            if monotonic() - proto.established_at < self.max_session_age:
+        if proto is not None:
+            if proto.usable(monotonic()):
                 return proto
-            # A fresh handshake (and attestation) before the NSM leaf certificate (~3 h) expires.
+            # Draining, closed, or older than max_session_age: a fresh handshake (and
+            # attestation) before the NSM leaf certificate (~3 h) expires.
             self._retire(proto)
         if self._closed:
             raise RpcError(Status.UNAVAILABLE, "the client is closed")
@@ -237,53 +404,43 @@ class Client:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             proto = self._proto
-            if proto is not None and not proto.closed and not proto.draining:
+            if proto is not None and proto.usable(monotonic()):
                 return proto
             self._proto = await self._connect_with_retry()
             return self._proto
 
     async def _connect_with_retry(self) -> _ClientConnection:
         give_up = time.monotonic() + self.connect_timeout
-        delay = 0.05
         attempt = 0
-        while True:
+        for delay in backoff_delays():
             attempt += 1
             try:
                 _, proto = await create_connection(self.uri, lambda: _ClientConnection(self))
-            except ConnectError as exc:
-                # vsock refuses at once until the enclave's server listens: retry with backoff.
-                if time.monotonic() + delay > give_up:
-                    raise RpcError(
-                        Status.UNAVAILABLE,
-                        f"cannot connect to {self.uri} after {attempt} attempts: {exc}",
-                    ) from exc
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
-                continue
-            assert isinstance(proto, _ClientConnection)
-            try:
+                assert isinstance(proto, _ClientConnection)
                 await proto.ready
-            except HandshakeError as exc:
-                if not proto.lost_in_handshake:
-                    raise  # fail closed; never retried silently
+            except (ConnectError, RpcError) as exc:
+                # vsock refuses at once until the enclave's server listens, and a server that
+                # restarts drops connections mid-handshake: retry those with backoff. A server
+                # at its connection limit answers at once: say so, the caller decides.
+                if (
+                    isinstance(exc, RpcError)
+                    and isinstance(exc.details, dict)
+                    and exc.details.get("busy")
+                ):
+                    raise
                 if time.monotonic() + delay > give_up:
                     raise RpcError(
                         Status.UNAVAILABLE,
                         f"cannot connect to {self.uri} after {attempt} attempts: {exc}",
+                        UNPROCESSED,
                     ) from exc
-                # Only the transport failed (e.g. a server restarting): same backoff as above.
-                log.info("connection lost during the handshake", address=self.uri, error=str(exc))
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(delay)
                 continue
-            except AttestationError:
-                raise  # fail closed; never retried silently
-            except RemoteProtocolError as exc:
-                raise HandshakeError(str(exc)) from exc
             self.peer_claims = proto.peer_claims
             self.channel_binding = proto.channel_binding
             log.info("connected", address=self.uri, mode=proto.mode)
             return proto
+        raise AssertionError("backoff_delays never ends")
 
     def _retire(self, proto: _ClientConnection) -> None:
         proto.draining = True
@@ -294,24 +451,29 @@ class Client:
         else:
             proto.close_gracefully()
 
+    def _idle_retired(self, proto: _ClientConnection) -> None:
+        if proto in self._retired:
+            self._retired.discard(proto)
+            proto.close_gracefully()
+
     def _connection_lost(self, proto: _ClientConnection) -> None:
         self._retired.discard(proto)
         if self._proto is proto:
             self._proto = None
 
-    def _call_done(self, proto: _ClientConnection) -> None:
-        if proto.draining and not proto.pending and proto in self._retired:
-            self._retired.discard(proto)
-            proto.close_gracefully()
-
     async def close(self) -> None:
+        """Close every connection: our CLOSE, then the server's; calls still in flight are
+        answered or refused by the server before its CLOSE (docs/protocol.md §4)."""
         self._closed = True
-        for proto in [self._proto, *self._retired]:
-            if proto is not None:
-                proto.close_gracefully()
+        protos = [p for p in (self._proto, *self._retired) if p is not None]
         self._proto = None
         self._retired.clear()
-        await asyncio.sleep(0)
+        for proto in protos:
+            proto.close_gracefully("client closed")
+        for _ in range(300):  # bounded by the endpoint's close timeout (2 s)
+            if all(p.closed for p in protos):
+                break
+            await asyncio.sleep(0.01)
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -344,10 +506,37 @@ class Client:
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """Call ``service.method`` with positional ``args``; returns the decoded result."""
-        if timeout is None and metadata is None:
-            started = self._start_fast(method, args)
-            if started is not None:
-                return await self._finish_fast(started, method, args, idempotent)
+        proto = self._proto
+        if (
+            proto is not None
+            and timeout is None
+            and metadata is None
+            and self.timeout is None
+            and not self.interceptors
+            and _options.get() is None
+            and _current.get(None) is None
+            and proto.has_slot()
+            and proto.usable(monotonic())
+        ):
+            # The common call (no deadline, metadata or interceptor, a free slot on an open
+            # connection): one attempt right here, the general path only if it must be retried.
+            call_id, pending = proto.start(method, args, None)
+            try:
+                return await pending.future
+            except asyncio.CancelledError:
+                proto.abandon(call_id)
+                raise
+            except RpcError as exc:
+                if _unprocessed(exc):
+                    used = 0  # never started: it does not count as an attempt
+                elif idempotent and exc.status is Status.UNAVAILABLE and self.retries > 0:
+                    used = 1
+                else:
+                    raise
+                log.info("retrying call", method=method, reason=exc.message)
+                return await self._unary(method, args, idempotent, None, None, None, used)
+            finally:
+                proto.finished(call_id)
         options = _options.get()
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
@@ -362,75 +551,6 @@ class Client:
             return await call_next()
         return await self._unary(method, args, idempotent, timeout, metadata, options)
 
-    def _start_fast(
-        self, method: str, args: list[Any]
-    ) -> tuple[_ClientConnection, int, asyncio.Future[Any]] | None:
-        """Start a call at once when nothing needs the general path: no deadline, metadata or
-        interceptor, an established connection. Typed stubs await the returned future directly,
-        so the common call costs one coroutine frame instead of three."""
-        proto = self._proto
-        if (
-            proto is None
-            or proto.draining
-            or proto.closed
-            or self.timeout is not None
-            or self.interceptors
-            or _options.get() is not None
-            or _current.get(None) is not None
-            or monotonic() - proto.established_at >= self.max_session_age
-        ):
-            return None
-        call_id = proto.conn.start_call(method, args, now=0.0)  # `now` only dates deadlines
-        future: asyncio.Future[Any] = proto.loop.create_future()
-        pending = proto.pending
-        pending[call_id] = _Pending(future, None)
-        if len(pending) == 1:
-            # The only call in flight: nothing else can join this write, so send it now rather
-            # than a loop turn later (latency at 1 in flight; batches are unaffected).
-            if proto._flush_handle is not None:
-                proto._flush_handle.cancel()
-            proto.flush()
-        elif proto._flush_handle is None:
-            proto.schedule_flush()
-        return proto, call_id, future
-
-    def _abandon(self, proto: _ClientConnection, call_id: int) -> None:
-        """The caller was cancelled: tell the server, forget the call."""
-        if proto.conn.is_active(call_id):
-            proto.conn.cancel(call_id)
-            proto.schedule_flush()
-        proto.pending.pop(call_id, None)
-
-    async def _finish_fast(
-        self,
-        started: tuple[_ClientConnection, int, asyncio.Future[Any]],
-        method: str,
-        args: list[Any],
-        idempotent: bool,
-    ) -> Any:
-        proto, call_id, future = started
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._abandon(proto, call_id)
-            raise
-        except RpcError as exc:
-            return await self._retry_fast(exc, method, args, idempotent)
-        finally:
-            if proto.draining:
-                self._call_done(proto)
-
-    async def _retry_fast(
-        self, exc: RpcError, method: str, args: list[Any], idempotent: bool
-    ) -> Any:
-        """The fast attempt failed: retry an idempotent call that met UNAVAILABLE, else raise."""
-        if not idempotent or exc.status is not Status.UNAVAILABLE or self.retries < 1:
-            raise exc
-        # That was the first of the 1 + retries attempts: only the retries remain.
-        log.info("retrying idempotent call", method=method, reason=exc.message)
-        await asyncio.sleep(0.02)
-        return await self._unary(method, args, idempotent, None, None, None, first=1)
-
     async def _unary(
         self,
         method: str,
@@ -439,50 +559,75 @@ class Client:
         timeout: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
-        first: int = 0,
+        used: int = 0,
     ) -> Any:
-        attempts = 1 + (self.retries if idempotent else 0)
-        started = monotonic()
-        for attempt in range(first, attempts):
-            remaining = None if timeout is None else timeout - (monotonic() - started)
-            if remaining is not None and remaining <= 0:
-                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
-            try:
-                return await self._unary_once(method, args, remaining, metadata, options)
-            except RpcError as exc:
-                if exc.status is not Status.UNAVAILABLE or attempt + 1 >= attempts:
-                    raise
-                log.info("retrying idempotent call", method=method, reason=exc.message)
-                await asyncio.sleep(0.02 * (2**attempt))
-        raise AssertionError("unreachable")
+        """The general unary path: deadline, metadata, queueing, retries (``used`` attempts
+        were already spent on the fast path)."""
+        deadline = None if timeout is None else monotonic() + timeout
+
+        async def attempt(_: int) -> Any:
+            return await self._unary_once(method, args, deadline, metadata, options)
+
+        return await retrying(
+            attempt,
+            attempts=1 + (self.retries if idempotent else 0) - used,
+            deadline=deadline,
+            retry_on=lambda exc: exc.status is Status.UNAVAILABLE,
+            what=method,
+        )
+
+    async def _slot(self, deadline: float | None) -> _ClientConnection:
+        """A connection with a free call slot, waiting in order behind earlier calls; a call
+        whose deadline passes while it waits never reaches the wire."""
+        while True:
+            proto = await self._connection()
+            if proto.has_slot():
+                return proto
+            wait = proto.wait_for_slot()
+            if deadline is None:
+                await wait
+            else:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+                try:
+                    await asyncio.wait_for(wait, remaining)
+                except TimeoutError:
+                    raise RpcError(
+                        Status.DEADLINE_EXCEEDED, "deadline exceeded while queued"
+                    ) from None
+            if proto.usable(monotonic()) and len(proto.pending) < proto.max_calls:
+                return proto
 
     async def _unary_once(
         self,
         method: str,
         args: list[Any],
-        timeout: float | None,
+        deadline: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
     ) -> Any:
-        proto = await self._connection()
-        conn = proto.conn
-        call_id = conn.start_call(method, args, now=monotonic(), timeout=timeout, metadata=metadata)
-        future: asyncio.Future[Any] = proto.loop.create_future()
-        proto.pending[call_id] = _Pending(future, options)
-        proto.schedule_flush()
-        if timeout is not None:
-            proto.arm_timer()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if conn.is_active(call_id):
-                conn.cancel(call_id)
-                proto.schedule_flush()
-            proto.pending.pop(call_id, None)
-            raise
-        finally:
-            if proto.draining:
-                self._call_done(proto)
+        while True:
+            proto = await self._slot(deadline)
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            call_id, pending = proto.start(
+                method, args, options, timeout=remaining, metadata=metadata
+            )
+            try:
+                return await pending.future
+            except asyncio.CancelledError:
+                proto.abandon(call_id)
+                raise
+            except RpcError as exc:
+                if not _unprocessed(exc):
+                    raise
+                # Refused before it started (over the limit before SETTINGS arrived, or the
+                # server began draining): send it again, in order, for any kind of call.
+                await asyncio.sleep(0)
+            finally:
+                proto.finished(call_id)
 
     async def stream(
         self,
@@ -500,26 +645,22 @@ class Client:
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
             metadata = options.metadata
-        proto = await self._connection()
+        deadline = None if timeout is None else monotonic() + timeout
+        proto = await self._slot(deadline)
         conn = proto.conn
-        call_id = conn.start_call(
+        call_id, pending = proto.start(
             method,
             args,
-            now=monotonic(),
-            timeout=timeout,
+            options,
+            timeout=None if deadline is None else max(0.0, deadline - monotonic()),
             metadata=metadata,
             stream_request=request is not None,
             stream_response=stream_response,
         )
-        future: asyncio.Future[Any] = proto.loop.create_future()
-        pending = _Pending(future, options)
+        future = pending.future
         if stream_response:
             pending.items = asyncio.Queue()
         pending.gate = FlowGate()
-        proto.pending[call_id] = pending
-        proto.schedule_flush()
-        if timeout is not None:
-            proto.arm_timer()
         sender = None
         if request is not None:
             sender = proto.loop.create_task(self._send_items(proto, call_id, pending, request))
@@ -548,16 +689,11 @@ class Client:
         finally:
             if sender is not None and not sender.done():
                 sender.cancel()
-            if conn.is_active(call_id):
-                conn.cancel(call_id)
-                proto.schedule_flush()
-            proto.pending.pop(call_id, None)
+            proto.abandon(call_id)
             if not future.done():
                 future.cancel()
             elif not future.cancelled():
                 future.exception()
-            if proto.draining:
-                self._call_done(proto)
 
     async def _send_items(
         self, proto: _ClientConnection, call_id: int, pending: _Pending, request: AsyncIterable[Any]
@@ -594,8 +730,6 @@ class Client:
 
     def stub(self, interface: type[T]) -> T:
         """An object typed as ``interface`` whose methods call the server."""
-        from vrpc.stub import make_stub
-
         return make_stub(self, interface)
 
 

@@ -77,7 +77,7 @@ class CallContext:
         if self.headers_sent:
             raise RuntimeError("headers were already sent for this call")
         self.headers_sent = True
-        self._sender._send_headers(self._call_id, metadata)
+        self._sender.send_headers(self._call_id, metadata)
 
     def set_trailer(self, key: str, value: Any) -> None:
         self.trailers[key] = value
@@ -89,11 +89,6 @@ _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("vrpc_cal
 def current_call() -> CallContext:
     """The context of the call being handled; LookupError outside a handler."""
     return _current.get()
-
-
-def _deadline_from_context() -> float | None:
-    ctx = _current.get(None)
-    return None if ctx is None else ctx.deadline
 
 
 @dataclasses.dataclass(slots=True)

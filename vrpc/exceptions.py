@@ -12,8 +12,9 @@
     │       │                                 connection is closed, the server keeps serving
     │       └── FrameTooLarge                 a length prefix above the configured maximum
     ├── HandshakeError                        the session could not be established (bad message,
-    │                                         failed key confirmation, timeout). Never retried
-    │                                         silently, never falls back to plaintext.
+    │   │                                     failed key confirmation, timeout). Never retried
+    │   │                                     silently, never falls back to plaintext.
+    │   └── HandshakeAlert                    the peer ended the handshake with an ALERT (``alert``)
     ├── AttestationError                      the peer's attestation document is not acceptable
     │   ├── MalformedDocument                 not a well-formed Nitro COSE_Sign1 document
     │   ├── SignatureInvalid                  the COSE signature does not verify
@@ -23,9 +24,7 @@
     │   └── BindingMismatch                   nonce, public key or user data differ from expected
     ├── NsmError                              the /dev/nsm device refused or is absent
     └── TransportError                        the operating system's socket layer failed
-        ├── ConnectError                      could not connect (after retries)
-        ├── ReadError
-        └── WriteError
+        └── ConnectError                      could not connect (after retries)
 
 The application-level error (``RpcError``) is deliberately separate from protocol and transport
 errors: a handler's *unexpected* exception never crosses the wire as itself, the client sees
@@ -45,19 +44,18 @@ __all__ = [
     "ChainInvalid",
     "ConnectError",
     "FrameTooLarge",
+    "HandshakeAlert",
     "HandshakeError",
     "LocalProtocolError",
     "MalformedDocument",
     "NsmError",
     "PolicyViolation",
     "ProtocolError",
-    "ReadError",
     "RemoteProtocolError",
     "RpcError",
     "SignatureInvalid",
     "TransportError",
     "VrpcError",
-    "WriteError",
 ]
 
 
@@ -114,6 +112,14 @@ class HandshakeError(VrpcError):
     """The attested session could not be established."""
 
 
+class HandshakeAlert(HandshakeError):
+    """The peer ended the handshake with an ALERT; ``alert`` is its code (None if unknown)."""
+
+    def __init__(self, message: str, alert: Any = None) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
 class AttestationError(VrpcError):
     """The attestation document was rejected. The message says what was expected and found."""
 
@@ -152,11 +158,3 @@ class TransportError(VrpcError):
 
 class ConnectError(TransportError):
     """Could not connect to the address (after the configured retries)."""
-
-
-class ReadError(TransportError):
-    """Reading from the transport failed."""
-
-
-class WriteError(TransportError):
-    """Writing to the transport failed."""

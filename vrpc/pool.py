@@ -1,49 +1,82 @@
 """A client pool over several endpoints (for example the up to four enclaves of one parent).
 
-Calls go to the healthy endpoint with the fewest calls outstanding; an endpoint that fails to
-connect or answers UNAVAILABLE is marked unhealthy until a background health check
-(``vrpc.health.check``) succeeds again. Idempotent calls that fail with UNAVAILABLE move to
-another endpoint, so a draining or restarting enclave does not fail them.
+Calls go to the healthy connection with the fewest calls outstanding, preferring connections
+with a free call slot under their server's announced limit, so a saturated connection is routed
+around instead of queued on. ``connections_per_endpoint`` (default 1, at most
+``MAX_CONNECTIONS_PER_ENDPOINT``) opens several attested connections to each endpoint, so one
+host process can keep an enclave busy beyond one connection's call limit.
+
+An endpoint that fails to connect, refuses at its connection limit or answers UNAVAILABLE is
+marked unhealthy until a background health check (``vrpc.health.check``) succeeds again.
+Idempotent calls that fail with UNAVAILABLE move to another endpoint (``vrpc._retry``), so a
+draining or restarting enclave does not fail them; a non-idempotent call fails with UNAVAILABLE
+only if it was in flight on the server that went away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
 
+from vrpc._retry import retrying
 from vrpc.client import Client
 from vrpc.exceptions import RpcError
+from vrpc.proto.connection import is_unprocessed
 from vrpc.service import Service
 from vrpc.status import Status
+from vrpc.stub import make_stub
 
-__all__ = ["Pool"]
+__all__ = ["MAX_CONNECTIONS_PER_ENDPOINT", "Pool"]
 
 log = structlog.get_logger("vrpc.pool")
 T = TypeVar("T", bound=Service)
 
+MAX_CONNECTIONS_PER_ENDPOINT = 16
+
 
 class _Endpoint:
-    __slots__ = ("client", "healthy", "outstanding")
+    __slots__ = ("clients", "healthy", "outstanding", "uri")
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    def __init__(self, uri: str, clients: list[Client]) -> None:
+        self.uri = uri
+        self.clients = clients
         self.outstanding = 0
         self.healthy = True
+
+    def pick(self) -> Client:
+        """The connection with the most room: unsaturated first, then fewest calls in flight."""
+        return min(self.clients, key=lambda c: (c.saturated, c.calls_in_flight))
+
+    @property
+    def saturated(self) -> bool:
+        return all(c.saturated for c in self.clients)
 
 
 class Pool:
     def __init__(
-        self, uris: Sequence[str], *, health_interval: float = 2.0, **client_options: Any
+        self,
+        uris: Sequence[str],
+        *,
+        health_interval: float = 2.0,
+        connections_per_endpoint: int = 1,
+        **client_options: Any,
     ) -> None:
         if not uris:
             raise ValueError("a pool needs at least one endpoint")
+        if not 1 <= connections_per_endpoint <= MAX_CONNECTIONS_PER_ENDPOINT:
+            raise ValueError(
+                f"connections_per_endpoint must be in 1..{MAX_CONNECTIONS_PER_ENDPOINT}"
+            )
         client_options.setdefault("retries", 0)  # the pool retries across endpoints itself
         client_options.setdefault("connect_timeout", 1.0)
-        self.endpoints = [_Endpoint(Client(uri, **client_options)) for uri in uris]
+        self.endpoints = [
+            _Endpoint(uri, [Client(uri, **client_options) for _ in range(connections_per_endpoint)])
+            for uri in uris
+        ]
         self.health_interval = health_interval
         self._health_task: asyncio.Task[None] | None = None
 
@@ -62,14 +95,16 @@ class Pool:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        await asyncio.gather(*(e.client.close() for e in self.endpoints))
+        await asyncio.gather(*(c.close() for e in self.endpoints for c in e.clients))
 
     async def _probe(self, endpoint: _Endpoint) -> None:
         try:
-            status = await endpoint.client.call("vrpc.health.check", [""], timeout=2.0)
-            healthy = status == "SERVING"
+            statuses = await asyncio.gather(
+                *(c.call("vrpc.health.check", [""], timeout=2.0) for c in endpoint.clients)
+            )
+            healthy = all(status == "SERVING" for status in statuses)
         except Exception as exc:  # attestation failures included: never route to that endpoint
-            log.info("endpoint unhealthy", address=endpoint.client.uri, reason=str(exc))
+            log.info("endpoint unhealthy", address=endpoint.uri, reason=str(exc))
             healthy = False
         endpoint.healthy = healthy
 
@@ -81,8 +116,10 @@ class Pool:
     def _pick(self, exclude: set[_Endpoint]) -> _Endpoint:
         candidates = [e for e in self.endpoints if e.healthy and e not in exclude]
         if not candidates:
+            candidates = [e for e in self.endpoints if e.healthy]
+        if not candidates:
             raise RpcError(Status.UNAVAILABLE, "no healthy endpoint in the pool")
-        return min(candidates, key=lambda e: e.outstanding)
+        return min(candidates, key=lambda e: (e.saturated, e.outstanding))
 
     async def call(
         self,
@@ -94,34 +131,62 @@ class Pool:
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         tried: set[_Endpoint] = set()
-        while True:
+
+        async def attempt(_: int) -> Any:
             endpoint = self._pick(tried)
             tried.add(endpoint)
             endpoint.outstanding += 1
             try:
-                return await endpoint.client.call(
+                return await endpoint.pick().call(
                     method, args, idempotent=False, timeout=timeout, metadata=metadata
                 )
             except RpcError as exc:
-                if exc.status is not Status.UNAVAILABLE:
-                    raise
-                endpoint.healthy = False
-                if not idempotent or len(tried) >= len(self.endpoints):
-                    raise
-                log.info("moving idempotent call", method=method, away_from=endpoint.client.uri)
+                if exc.status is Status.UNAVAILABLE:
+                    endpoint.healthy = False
+                    log.info("endpoint unavailable", address=endpoint.uri, reason=exc.message)
+                raise
             finally:
                 endpoint.outstanding -= 1
 
-    async def stream(self, method: str, args: list[Any], **kwargs: Any) -> AsyncIterator[Any]:
+        # Any call may move when it never reached a server (no connection, a server at its
+        # limit); only an idempotent one when it may have run where it failed.
+        return await retrying(
+            attempt,
+            attempts=len(self.endpoints),
+            deadline=None,
+            retry_on=lambda exc: (
+                is_unprocessed(exc.details) or (idempotent and exc.status is Status.UNAVAILABLE)
+            ),
+            what=method,
+        )
+
+    async def stream(
+        self,
+        method: str,
+        args: list[Any],
+        *,
+        request: AsyncIterable[Any] | None = None,
+        stream_response: bool = True,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        convert: Callable[[Any], Any] = lambda x: x,
+    ) -> AsyncIterator[Any]:
         endpoint = self._pick(set())
         endpoint.outstanding += 1
         try:
-            async for item in endpoint.client.stream(method, args, **kwargs):
+            async for item in endpoint.pick().stream(
+                method,
+                args,
+                request=request,
+                stream_response=stream_response,
+                timeout=timeout,
+                metadata=metadata,
+                convert=convert,
+            ):
                 yield item
         finally:
             endpoint.outstanding -= 1
 
     def stub(self, interface: type[T]) -> T:
-        from vrpc.stub import make_stub
-
+        """An object typed as ``interface`` whose methods call through the pool."""
         return make_stub(self, interface)

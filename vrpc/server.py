@@ -16,11 +16,11 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import structlog
 
-from vrpc._shell import BARE_CONTEXT, FlowGate, ShellProtocol, monotonic
+from vrpc._shell import BARE_CONTEXT, EndpointProtocol, FlowGate, monotonic
 from vrpc._validation import ArgumentBinder
 from vrpc._verify import handshake_verifier
 from vrpc.attestation import Verifier
@@ -28,15 +28,25 @@ from vrpc.context import CallContext, Peer, _current
 from vrpc.exceptions import RpcError
 from vrpc.metrics import Metrics
 from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, Connection, Role
+from vrpc.proto.endpoint import Endpoint
 from vrpc.proto.events import (
+    AttestationRequested,
     CallCancelled,
+    ConnectionClosed,
     CreditAvailable,
-    Event,
+    EndpointEvent,
+    ErrorReceived,
+    GoAwayReceived,
+    HeadersReceived,
     ItemReceived,
+    PongReceived,
     RequestReceived,
+    ResponseReceived,
+    SessionEstablished,
+    SettingsReceived,
     StreamEnded,
 )
-from vrpc.proto.handshake import ServerHandshake
+from vrpc.proto.handshake import Alert, ServerHandshake
 from vrpc.service import MethodSpec, Service, describe_service
 from vrpc.status import Status
 from vrpc.transport import Listener, create_server
@@ -113,10 +123,21 @@ class InboundStream:
             raise RpcError(Status.INVALID_ARGUMENT, f"invalid stream item: {exc}") from None
 
 
-class _ServerConnection(ShellProtocol):
+class _ServerConnection(EndpointProtocol):
     def __init__(self, server: Server) -> None:
+        super().__init__(attester=server.attester)
         self.server = server
-        conn = Connection(
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.inbound: dict[int, InboundStream] = {}
+        self.credit_gates: dict[int, FlowGate] = {}
+        self.peer = Peer("?")
+        self.opened_at = monotonic()
+        self.established = False
+        self.unflushed = 0  # answers queued since the last write (see _EARLY_FLUSH_*)
+
+    def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
+        server = self.server
+        calls = Connection(
             Role.SERVER,
             max_send_message_size=server.max_send_message_size,
             max_receive_message_size=server.max_receive_message_size,
@@ -125,29 +146,31 @@ class _ServerConnection(ShellProtocol):
             keepalive_timeout=server.keepalive_timeout,
             idle_timeout=server.idle_timeout,
         )
-        super().__init__(conn, server._new_handshake(), attester=server.attester)
-        self.handshake_timeout = server.handshake_timeout
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.inbound: dict[int, InboundStream] = {}
-        self.credit_gates: dict[int, FlowGate] = {}
-        self.peer = Peer(self.peer_address)
-        self.opened_at = monotonic()
+        self.conn = calls
+        return Endpoint(
+            server._new_handshake(),
+            calls,
+            now=now,
+            wall_clock=wall_clock,
+            handshake_timeout=server.handshake_timeout,
+            max_session_age=server.max_session_age,
+            session_grace=server.session_grace,
+        )
+
+    def flush(self) -> None:
+        self.unflushed = 0
+        super().flush()
 
     def on_connection_made(self) -> None:
         server = self.server
-        if len(server._connections) >= server.max_connections or not server._accepting:
+        self.peer = Peer(self.peer_address)
+        if not server._accepting:
+            self.after(self.endpoint.refuse(Alert.CONNECTION_LIMIT, "server is shutting down"))
+        elif len(server._connections) >= server.max_connections:
             log.warning("connection refused", peer=self.peer_address, reason="connection limit")
-            self.closed = True
-            assert self.transport is not None
-            self.transport.abort()
-            return
-        server._connections.add(self)
-
-    def on_established(self) -> None:
-        self.peer = Peer(self.peer_address, self.peer_claims, self.mode, self.channel_binding)
-        log.info("connection open", peer=self.peer_address, mode=self.mode)
-        if self.server._draining:
-            self.conn.goaway("server is shutting down")
+            self.after(self.endpoint.refuse(Alert.CONNECTION_LIMIT, "server at connection limit"))
+        else:
+            server._connections.add(self)
 
     # A peer that sends requests but never reads the responses would otherwise make the server
     # buffer every response: stop reading it while its responses cannot leave. Only the server
@@ -162,45 +185,79 @@ class _ServerConnection(ShellProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
+    def dispatch(self, events: list[EndpointEvent]) -> None:
+        for ev in events:
+            match ev:
+                case RequestReceived():
+                    self._start(ev)
+                case ItemReceived():
+                    stream = self.inbound.get(ev.call_id)
+                    if stream is not None:
+                        stream._put(ev.item, ev.size)
+                case StreamEnded():
+                    stream = self.inbound.get(ev.call_id)
+                    if stream is not None:
+                        stream._end()
+                case CallCancelled():
+                    task = self.tasks.get(ev.call_id)
+                    if task is not None:
+                        self.cancel_task(ev.call_id, task)
+                case CreditAvailable():
+                    gate = self.credit_gates.get(ev.call_id)
+                    if gate is not None:
+                        gate.open()
+                case PongReceived():
+                    pass  # the client is alive; the endpoint already noted it
+                case AttestationRequested():
+                    self.attest(ev)
+                case SessionEstablished():
+                    self._established(ev)
+                case ConnectionClosed():
+                    self._closed(ev)
+                case (
+                    ResponseReceived()
+                    | ErrorReceived()
+                    | HeadersReceived()
+                    | GoAwayReceived()
+                    | SettingsReceived()
+                ):
+                    # The core refuses these from a client before they become events.
+                    raise AssertionError(f"client-side event on a server: {ev!r}")
+                case _:
+                    assert_never(ev)
+
+    def _established(self, ev: SessionEstablished) -> None:
+        self.established = True
+        self.peer = Peer(self.peer_address, ev.peer_claims, ev.mode, ev.channel_binding)
+        log.info("connection open", peer=self.peer_address, mode=ev.mode)
+        if self.server._draining:
+            self.conn.goaway("server is shutting down")
+
+    def _closed(self, ev: ConnectionClosed) -> None:
+        self.connection_closed(ev)
         self.server._connections.discard(self)
         for call_id, task in list(self.tasks.items()):
             self.cancel_task(call_id, task)
         for gate in self.credit_gates.values():
             gate.open()
-        log.info(
+        if ev.in_handshake:
+            if ev.error is not None:
+                log.warning(
+                    "handshake failed",
+                    peer=self.peer_address,
+                    reason=ev.reason,
+                    error=type(ev.error).__name__,
+                )
+            return
+        log.log(
+            logging.INFO if ev.error is None else logging.WARNING,
             "connection closed",
             peer=self.peer_address,
             seconds=round(monotonic() - self.opened_at, 3),
-            truncated=truncated,
-            error=str(exc) if exc else None,
+            reason=ev.reason,
+            clean=ev.clean,
+            error=None if ev.error is None else str(ev.error),
         )
-
-    def handle_events(self, events: list[Event]) -> None:
-        for ev in events:
-            kind = type(ev)
-            if kind is RequestReceived:
-                self._start(ev)  # type: ignore[arg-type]
-            elif kind is ItemReceived:
-                stream = self.inbound.get(ev.call_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream._put(ev.item, ev.size)  # type: ignore[attr-defined]
-            elif kind is StreamEnded:
-                stream = self.inbound.get(ev.call_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream._end()
-            elif kind is CallCancelled:
-                task = self.tasks.get(ev.call_id)  # type: ignore[attr-defined]
-                if task is not None:
-                    self.cancel_task(ev.call_id, task)  # type: ignore[attr-defined]
-            elif kind is CreditAvailable:
-                gate = self.credit_gates.get(ev.call_id)  # type: ignore[attr-defined]
-                if gate is not None:
-                    gate.open()
-            else:  # ConnectionTerminated (keepalive or idle timeout)
-                log.info("closing connection", peer=self.peer_address, reason=ev.reason)  # type: ignore[attr-defined]
-                self.conn.goaway(ev.reason)  # type: ignore[attr-defined]
-                self.close_gracefully()
 
     def _start(self, ev: RequestReceived) -> None:
         server = self.server
@@ -265,7 +322,7 @@ class _ServerConnection(ShellProtocol):
             self.conn.send_error(call_id, Status.CANCELLED, "call cancelled by the server")
             self.schedule_flush()
 
-    def _send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
+    def send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
         self.conn.send_headers(call_id, metadata)
         self.schedule_flush()
 
@@ -321,17 +378,16 @@ class _ServerConnection(ShellProtocol):
                 if (
                     not self.tasks
                     or self.unflushed >= _EARLY_FLUSH_ANSWERS
-                    or len(self.conn._out) >= _EARLY_FLUSH_BYTES
+                    or self.conn.pending_bytes >= _EARLY_FLUSH_BYTES
                 ):
                     # The last call in flight on this connection: nothing else will join this
                     # write, so send now instead of a loop turn later (latency at 1 in flight).
-                    if self._flush_handle is not None:
-                        self._flush_handle.cancel()
-                    self.flush()
-                elif self._flush_handle is None:
-                    self._flush_handle = self.loop.call_soon(self.flush, context=BARE_CONTEXT)
-                if ctx.deadline is not None:
-                    self.arm_timer()
+                    self.unflushed = 0
+                    self.flush_now()
+                else:
+                    self.schedule_flush()
+                if ctx.deadline is not None or not self.tasks:
+                    self.arm_timer()  # deadlines and the idle clock
             elapsed = monotonic() - started
             server.metrics.record(ctx.method, status, elapsed)
             if server.log_calls or status is Status.INTERNAL:
@@ -426,9 +482,11 @@ class Server:
         max_concurrent_calls: int = 16384,
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
-        idle_timeout: float | None = None,
+        idle_timeout: float | None = 300.0,
         keepalive_interval: float | None = 30.0,
         keepalive_timeout: float = 20.0,
+        max_session_age: float | None = 7200.0,
+        session_grace: float = 30.0,
         reflection: bool = True,
         health: bool = True,
         log_calls: bool = False,
@@ -458,6 +516,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.max_session_age = max_session_age
+        self.session_grace = session_grace
         self.metrics = Metrics()
         self.log_calls = log_calls  # one structured line per call (off by default: hot path)
         # A handler that blocks the event loop stalls every connection: say so in the log.
@@ -578,8 +638,15 @@ class Server:
             for call_id, task in list(proto.tasks.items()):
                 proto.cancel_task(call_id, task)
         await asyncio.sleep(0)
-        for proto in list(self._connections):
-            proto.close_gracefully()
+        closing = list(self._connections)
+        for proto in closing:
+            proto.close_gracefully("server is shutting down")
+        # Each connection ends when its client answers our CLOSE (or the endpoint's close
+        # timeout passes); wait for that so no answer is cut off mid-write.
+        for _ in range(200):
+            if not any(not p.closed for p in closing):
+                break
+            await asyncio.sleep(0.01)
         for listener in self._listeners:
             await listener.wait_closed()
         self._closed.set()

@@ -8,18 +8,15 @@ the interface's exact signature. Results come back converted to the declared ret
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vrpc._validation import converter_for
-from vrpc.client import Client
-from vrpc.exceptions import RpcError
 from vrpc.service import MethodKind, MethodSpec, Service, describe_service
 
 if TYPE_CHECKING:
-    from vrpc.pool import Pool
+    from vrpc.channel import Channel
 
 __all__ = ["make_stub"]
 
@@ -48,63 +45,38 @@ def _arg_packer(spec: MethodSpec, func: Any) -> Any:
     return pack
 
 
-def make_stub(client: Client | Pool, interface: type[T]) -> T:
+def make_stub(channel: Channel, interface: type[T]) -> T:
+    """An instance of a generated subclass of ``interface`` whose ``@rpc`` methods call
+    through ``channel`` (a ``Client`` or a ``Pool``)."""
     specs = describe_service(interface)
-    namespace: dict[str, Any] = {"__slots__": (), "_vrpc_client": client}
+    namespace: dict[str, Any] = {"__slots__": (), "_vrpc_channel": channel}
     for spec in specs.values():
         declared = getattr(interface, spec.attr)
-        namespace[spec.attr] = _make_method(client, spec, declared)
+        namespace[spec.attr] = _make_method(channel, spec, declared)
     cls = type(f"{interface.__name__}Stub", (interface,), namespace)
     stub: T = object.__new__(cls)
     return stub
 
 
-def _make_method(client: Client | Pool, spec: MethodSpec, declared: Any) -> Any:
+def _make_method(channel: Channel, spec: MethodSpec, declared: Any) -> Any:
     pack = _arg_packer(spec, declared)
     convert = converter_for(spec.result_type)
     name = spec.full_name
     idempotent = spec.idempotent
     timeout = spec.timeout
-
-    start_fast = getattr(client, "_start_fast", None)  # a Pool routes every call itself
-
-    if spec.kind is MethodKind.UNARY and start_fast is not None and timeout is None:
-        assert isinstance(client, Client)
-        direct = client
-
-        async def unary_fast(self: Any, *args: Any, **kwargs: Any) -> Any:
-            # Client.call's fast path, inlined: this frame awaits the call's future itself.
-            wire, _ = pack(args, kwargs)
-            started = start_fast(name, wire)
-            if started is None:
-                return convert(await direct.call(name, wire, idempotent=idempotent))
-            proto, call_id, future = started
-            try:
-                result = await future
-            except asyncio.CancelledError:
-                direct._abandon(proto, call_id)
-                raise
-            except RpcError as exc:
-                result = await direct._retry_fast(exc, name, wire, idempotent)
-            finally:
-                if proto.draining:
-                    direct._call_done(proto)
-            return convert(result)
-
-        method: Any = unary_fast
-    elif spec.kind is MethodKind.UNARY:
+    method: Any
+    if spec.kind is MethodKind.UNARY:
 
         async def unary(self: Any, *args: Any, **kwargs: Any) -> Any:
             wire, _ = pack(args, kwargs)
-            result = await client.call(name, wire, idempotent=idempotent, timeout=timeout)
-            return convert(result)
+            return convert(await channel.call(name, wire, idempotent=idempotent, timeout=timeout))
 
         method = unary
     elif spec.kind is MethodKind.CLIENT_STREAM:
 
         async def client_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
             wire, request = pack(args, kwargs)
-            async for result in client.stream(
+            async for result in channel.stream(
                 name, wire, request=request, stream_response=False, timeout=timeout, convert=convert
             ):
                 return result
@@ -115,7 +87,7 @@ def _make_method(client: Client | Pool, spec: MethodSpec, declared: Any) -> Any:
 
         def streaming(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             wire, request = pack(args, kwargs)
-            return client.stream(
+            return channel.stream(
                 name,
                 wire,
                 request=request if spec.kind is MethodKind.BIDI_STREAM else None,

@@ -26,6 +26,7 @@ from vrpc.proto.events import (
     PongReceived,
     RequestReceived,
     ResponseReceived,
+    SettingsReceived,
     StreamEnded,
 )
 from vrpc.proto.framing import encode_frame
@@ -135,8 +136,20 @@ def test_idle_timeout_only_without_calls() -> None:
     pipe(client, server, 1)
     assert server.handle_timer(100) == []  # a call is in flight
     server.send_response(cid, None)
-    assert server.get_timer() == 31
-    assert server.handle_timer(31) == [ConnectionTerminated(Status.UNAVAILABLE, "idle timeout")]
+    # Idleness is checked lazily: the timer that notices the call ended restarts the clock.
+    assert server.get_timer() == 130
+    assert server.handle_timer(130) == []
+    assert server.get_timer() == 160
+    assert server.handle_timer(160) == [ConnectionTerminated(Status.UNAVAILABLE, "idle timeout")]
+
+
+def test_pings_keep_a_connection_alive_but_not_busy() -> None:
+    client, server = pair(idle_timeout=30)
+    server.start_clock(0)
+    for t in range(5, 30, 5):  # a PING every 5 s (answered) is traffic, not a call
+        client.ping(t)
+        pipe(client, server, t)
+    assert server.handle_timer(30) == [ConnectionTerminated(Status.UNAVAILABLE, "idle timeout")]
 
 
 def test_deadline_on_both_sides() -> None:
@@ -466,3 +479,18 @@ class CallPair(RuleBasedStateMachine):
 
 CallPair.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestCallPair = CallPair.TestCase
+
+
+def test_a_client_ignoring_the_announced_limit_is_refused_unprocessed() -> None:
+    client, server = pair(max_concurrent_calls=2)
+    server.send_settings()
+    assert pipe(server, client, 0) == [SettingsReceived(2)]
+    ids = [client.start_call("s.m", [], now=0) for _ in range(3)]
+    assert len(pipe(client, server, 0)) == 2
+    (refused,) = pipe(server, client, 0)
+    assert refused == ErrorReceived(
+        ids[2],
+        Status.RESOURCE_EXHAUSTED,
+        "more than 2 calls in flight on this connection",
+        {"unprocessed": True},
+    )

@@ -17,10 +17,20 @@ replayed or reordered REQUEST is a protocol error and GOAWAY can name the last c
 Messages for a call id that has finished are ignored: they cross a CANCEL or a deadline on the
 wire legitimately.
 
-Per-call state machine (both roles keep the same table; ``_CALL_TRANSITIONS``)::
+Per-call state (both roles). A call exists from its REQUEST until its outcome; a unary call has
+no other state, a streaming call also tracks its credit and whether the request stream ended::
 
-    OPEN --END(req stream)--> HALF_CLOSED --RESPONSE|ERROR--> (forgotten)
-    OPEN --RESPONSE|ERROR|CANCEL|deadline----------------->  (forgotten)
+    (none) --REQUEST--> OPEN --END (request stream)--> REQUEST_ENDED
+    OPEN | REQUEST_ENDED --RESPONSE | ERROR | CANCEL | deadline | GOAWAY above it--> (forgotten)
+
+ITEM from the client is legal only in OPEN of a call with a request stream; ITEM from the server
+only on a call with a response stream; END only once, on a call with a request stream. Anything
+else for a live call is a protocol error; for a forgotten call it is ignored (it may cross a
+CANCEL or a deadline on the wire legitimately).
+
+The server announces in SETTINGS (its first message) how many calls it serves at once on the
+connection; a REQUEST above that limit is refused with RESOURCE_EXHAUSTED and the detail
+``{"unprocessed": true}`` so the client knows it may send it again.
 
 Flow control is per stream and counted in encoded bytes. A sender starts with ``INITIAL_WINDOW``
 bytes of credit per stream direction and may send an item while its credit is positive; the
@@ -50,6 +60,7 @@ from vrpc.proto.events import (
     PongReceived,
     RequestReceived,
     ResponseReceived,
+    SettingsReceived,
     StreamEnded,
 )
 from vrpc.proto.framing import FrameDecoder
@@ -58,9 +69,11 @@ from vrpc.status import Status
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "INITIAL_WINDOW",
+    "UNPROCESSED",
     "Connection",
     "MsgType",
     "Role",
+    "is_unprocessed",
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024 + 1024
@@ -81,6 +94,45 @@ class MsgType(enum.IntEnum):
     PING = 8  # [8, opaque]
     PONG = 9  # [9, opaque]
     GOAWAY = 10  # [10, last_call_id, reason]
+    SETTINGS = 11  # [11, max_calls]           server: its first message
+
+
+# The hot path compares plain ints (an IntEnum member compares several times slower); these are
+# the same numbers under the same names.
+REQUEST = int(MsgType.REQUEST)
+RESPONSE = int(MsgType.RESPONSE)
+ERROR = int(MsgType.ERROR)
+CANCEL = int(MsgType.CANCEL)
+ITEM = int(MsgType.ITEM)
+END = int(MsgType.END)
+CREDIT = int(MsgType.CREDIT)
+HEADERS = int(MsgType.HEADERS)
+PING = int(MsgType.PING)
+PONG = int(MsgType.PONG)
+GOAWAY = int(MsgType.GOAWAY)
+SETTINGS = int(MsgType.SETTINGS)
+# Fields per message type, including the type itself.
+_MSG_LENGTHS = {
+    REQUEST: 7,
+    RESPONSE: 4,
+    ERROR: 6,
+    CANCEL: 2,
+    ITEM: 3,
+    END: 2,
+    CREDIT: 3,
+    HEADERS: 3,
+    PING: 2,
+    PONG: 2,
+    GOAWAY: 3,
+    SETTINGS: 2,
+}
+# The details of a refusal that tells the client the call was never processed (safe to resend).
+UNPROCESSED = {"unprocessed": True}
+
+
+def is_unprocessed(details: Any) -> bool:
+    """The error's details say the server never started the call."""
+    return isinstance(details, dict) and details.get("unprocessed") is True
 
 
 class Role(enum.Enum):
@@ -114,7 +166,6 @@ _UNARY = _Call(False, False)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
-_MSG_LENGTHS = {0: 7, 1: 4, 2: 6, 3: 2, 4: 3, 5: 2, 6: 3, 7: 3, 8: 2, 9: 2, 10: 3}
 
 
 def _bad(message: str) -> RemoteProtocolError:
@@ -161,11 +212,17 @@ class Connection:
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
         self._idle_timeout = idle_timeout
-        self._last_activity: float | None = None
+        self._last_activity: float | None = None  # last bytes received (keepalive)
+        # Idleness is about calls, not bytes: PING/PONG keep a connection alive but not busy.
+        # ``_idle_since`` restarts whenever the timer sees calls come or go (``_idle_mark``).
+        self._idle_since: float | None = None
+        self._idle_mark: tuple[int, bool] = (0, False)
         self._ping_sent_at: float | None = None
         self._ping_id = 0
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
+        # The server's announced per-connection call limit (client side; None until SETTINGS).
+        self.peer_max_calls: int | None = None
         self.closed = False
 
     # ------------------------------------------------------------------ state
@@ -176,6 +233,11 @@ class Connection:
 
     def is_active(self, call_id: int) -> bool:
         return call_id in self._calls
+
+    @property
+    def pending_bytes(self) -> int:
+        """Encoded bytes waiting for ``data_to_send``."""
+        return len(self._out)
 
     def data_to_send(self) -> bytearray | None:
         """The encoded frames produced since the last call, or None.
@@ -238,7 +300,7 @@ class Connection:
         timeout_ms = None
         if timeout is not None:
             timeout_ms = max(0, int(timeout * 1000))
-        self._emit((0, call_id, method, args, flags, timeout_ms, metadata))
+        self._emit((REQUEST, call_id, method, args, flags, timeout_ms, metadata))
         self._last_call_id = call_id
         self._calls[call_id] = _Call(stream_request, stream_response) if flags else _UNARY
         if timeout is not None:
@@ -253,18 +315,18 @@ class Connection:
         if not call.stream_request or call.done_sending:
             raise LocalProtocolError("end_request on a call without an open request stream")
         call.done_sending = True
-        self._emit((5, call_id))
+        self._emit((END, call_id))
 
     def cancel(self, call_id: int) -> None:
         """Client: abandon a call; the server cancels its handler."""
         if self._calls.pop(call_id, None) is not None:
-            self._emit((3, call_id))
+            self._emit((CANCEL, call_id))
 
     # ------------------------------------------------------------------ server API
 
     def send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
         if call_id in self._calls:
-            self._emit((7, call_id, metadata))
+            self._emit((HEADERS, call_id, metadata))
 
     def send_response(
         self, call_id: int, result: Any, trailers: dict[str, Any] | None = None
@@ -273,13 +335,13 @@ class Connection:
         if self._calls.pop(call_id, None) is None:
             return
         try:
-            self._emit((1, call_id, result, trailers))
+            self._emit((RESPONSE, call_id, result, trailers))
         except RpcError as exc:
-            self._emit((2, call_id, int(exc.status), exc.message, None, trailers))
+            self._emit((ERROR, call_id, int(exc.status), exc.message, None, trailers))
         except (TypeError, ValueError, OverflowError):
             # The call is already forgotten: it must still get an answer, not hang.
             self._emit(
-                (2, call_id, int(Status.INTERNAL), "result could not be encoded", None, None)
+                (ERROR, call_id, int(Status.INTERNAL), "result could not be encoded", None, None)
             )
 
     def send_error(
@@ -293,16 +355,22 @@ class Connection:
         if self._calls.pop(call_id, None) is None:
             return
         try:
-            self._emit((2, call_id, int(status), message, details, trailers))
+            self._emit((ERROR, call_id, int(status), message, details, trailers))
         except (RpcError, TypeError, ValueError, OverflowError):
             # Unencodable or oversize details must not lose the status itself.
-            self._emit((2, call_id, int(status), message, None, None))
+            self._emit((ERROR, call_id, int(status), message, None, None))
+
+    def send_settings(self) -> None:
+        """Server: announce the per-connection call limit (the first message of a session)."""
+        if self._client:
+            raise LocalProtocolError("only a server sends SETTINGS")
+        self._emit((SETTINGS, self.max_concurrent_calls))
 
     def goaway(self, reason: str = "") -> None:
         """Server: serve the calls already received, refuse newer ones."""
         if self.goaway_sent is None:
             self.goaway_sent = self._last_call_id
-            self._emit((10, self._last_call_id, reason))
+            self._emit((GOAWAY, self._last_call_id, reason))
 
     # ------------------------------------------------------------------ both
 
@@ -326,7 +394,7 @@ class Connection:
             raise LocalProtocolError("this call has no open stream in this direction")
         if call.send_credit <= 0:
             raise LocalProtocolError("stream item sent without flow-control credit")
-        call.send_credit -= self._emit((4, call_id, item))
+        call.send_credit -= self._emit((ITEM, call_id, item))
         return True
 
     def consumed(self, call_id: int, size: int) -> None:
@@ -338,12 +406,12 @@ class Connection:
         if call.pending_grant >= INITIAL_WINDOW // 2:
             grant, call.pending_grant = call.pending_grant, 0
             call.recv_credit += grant
-            self._emit((6, call_id, grant))
+            self._emit((CREDIT, call_id, grant))
 
     def ping(self, now: float) -> None:
         self._ping_id += 1
         self._ping_sent_at = now
-        self._emit((8, self._ping_id))
+        self._emit((PING, self._ping_id))
 
     # ------------------------------------------------------------------ receive
 
@@ -374,19 +442,19 @@ class Connection:
 
     def _handle(self, msg: list[Any], size: int, now: float, events: list[Event]) -> None:
         kind = msg[0]
-        if kind == 0:
+        if kind == REQUEST:
             self._on_request(msg, now, events)
-        elif kind == 1 or kind == 2:
+        elif kind in (RESPONSE, ERROR):
             self._on_result(msg, events)
-        elif kind == 4:
+        elif kind == ITEM:
             self._on_item(msg, size, events)
-        elif kind == 3:
+        elif kind == CANCEL:
             if self._client:
                 raise _bad("a server does not send CANCEL")
             call_id = _int(msg[1], "call id")
             if self._calls.pop(call_id, None) is not None:
                 events.append(CallCancelled(call_id, Status.CANCELLED))
-        elif kind == 5:
+        elif kind == END:
             if self._client:
                 raise _bad("a server does not send END")
             call_id = _int(msg[1], "call id")
@@ -396,7 +464,7 @@ class Connection:
                     raise _bad("END on a call without an open request stream")
                 call.done_sending = True
                 events.append(StreamEnded(call_id))
-        elif kind == 6:
+        elif kind == CREDIT:
             call_id = _int(msg[1], "call id")
             grant = _int(msg[2], "credit")
             call = self._calls.get(call_id)
@@ -407,19 +475,27 @@ class Connection:
                 call.send_credit += grant
                 if was_blocked and call.send_credit > 0:
                     events.append(CreditAvailable(call_id))
-        elif kind == 7:
+        elif kind == HEADERS:
             if not self._client:
                 raise _bad("a client does not send HEADERS")
             call_id = _int(msg[1], "call id")
             md = _metadata(msg[2], "headers")
             if call_id in self._calls:
                 events.append(HeadersReceived(call_id, md or {}))
-        elif kind == 8:
-            self._emit((9, msg[1]))
-        elif kind == 9:
+        elif kind == PING:
+            self._emit((PONG, msg[1]))
+        elif kind == PONG:
             if self._ping_sent_at is not None:
                 events.append(PongReceived(now - self._ping_sent_at))
-        elif kind == 10:
+        elif kind == SETTINGS:
+            if not self._client:
+                raise _bad("a client does not send SETTINGS")
+            limit = _int(msg[1], "max calls")
+            if limit < 1:
+                raise _bad("SETTINGS must allow at least one call")
+            self.peer_max_calls = limit
+            events.append(SettingsReceived(limit))
+        elif kind == GOAWAY:
             if not self._client:
                 raise _bad("a client does not send GOAWAY")
             last = _int(msg[1], "last call id")
@@ -431,6 +507,8 @@ class Connection:
                 events.append(
                     ErrorReceived(call_id, Status.UNAVAILABLE, "server draining; not processed")
                 )
+        else:  # pragma: no cover - receive_data admits only the types of _MSG_LENGTHS
+            raise AssertionError(f"message type {kind} has no handler")
 
     def _on_request(self, msg: list[Any], now: float, events: list[Event]) -> None:
         if self._client:
@@ -445,16 +523,18 @@ class Connection:
         md = None if metadata is None else _metadata(metadata, "metadata")
         self._last_call_id = call_id
         if self.goaway_sent is not None:
-            self._emit((2, call_id, int(Status.UNAVAILABLE), "server is draining", None, None))
+            self._emit(
+                (ERROR, call_id, int(Status.UNAVAILABLE), "server is draining", UNPROCESSED, None)
+            )
             return
         if len(self._calls) >= self.max_concurrent_calls:
             self._emit(
                 (
-                    2,
+                    ERROR,
                     call_id,
                     int(Status.RESOURCE_EXHAUSTED),
                     f"more than {self.max_concurrent_calls} calls in flight on this connection",
-                    None,
+                    UNPROCESSED,
                     None,
                 )
             )
@@ -485,7 +565,7 @@ class Connection:
         call_id = _int(msg[1], "call id")
         if self._calls.pop(call_id, None) is None:
             return
-        if msg[0] == 1:
+        if msg[0] == RESPONSE:
             events.append(ResponseReceived(call_id, msg[2], _metadata(msg[3], "trailers")))
             return
         _, _, status, message, details, trailers = msg
@@ -527,14 +607,17 @@ class Connection:
                 candidates.append(self._ping_sent_at + self._keepalive_timeout)
             elif self._keepalive_interval is not None:
                 candidates.append(self._last_activity + self._keepalive_interval)
-            if self._idle_timeout is not None and not self._calls:
-                candidates.append(self._last_activity + self._idle_timeout)
+            if self._idle_timeout is not None and self._idle_since is not None and not self._calls:
+                # Checked lazily (no clock on the hot path): a connection is closed between one
+                # and two idle timeouts after its last call ended.
+                candidates.append(self._idle_since + self._idle_timeout)
         return min(candidates) if candidates else None
 
     def start_clock(self, now: float) -> None:
         """Start keepalive and idle timing (the shell calls it when the connection opens)."""
         if self._last_activity is None:
             self._last_activity = now
+            self._idle_since = now
 
     def handle_timer(self, now: float) -> list[Event]:
         events: list[Event] = []
@@ -544,11 +627,11 @@ class Connection:
             if self._calls.pop(call_id, None) is None:
                 continue
             if self._client:
-                self._emit((3, call_id))
+                self._emit((CANCEL, call_id))
                 events.append(ErrorReceived(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded"))
             else:
                 self._emit(
-                    (2, call_id, int(Status.DEADLINE_EXCEEDED), "deadline exceeded", None, None)
+                    (ERROR, call_id, int(Status.DEADLINE_EXCEEDED), "deadline exceeded", None, None)
                 )
                 events.append(CallCancelled(call_id, Status.DEADLINE_EXCEEDED))
         if self._last_activity is None or self.closed:
@@ -563,14 +646,27 @@ class Connection:
             and now >= self._last_activity + self._keepalive_interval
         ):
             self.ping(now)
-        if (
-            self._idle_timeout is not None
-            and not self._calls
-            and now >= self._last_activity + self._idle_timeout
-        ):
-            self.closed = True
-            events.append(ConnectionTerminated(Status.UNAVAILABLE, "idle timeout"))
+        if self._idle_timeout is not None:
+            mark = (self._last_call_id, bool(self._calls))
+            if mark != self._idle_mark or self._idle_since is None:
+                # Calls came or went since the last look: idleness starts now at the earliest.
+                self._idle_mark = mark
+                self._idle_since = now
+            elif not self._calls and now >= self._idle_since + self._idle_timeout:
+                self.closed = True
+                events.append(ConnectionTerminated(Status.UNAVAILABLE, "idle timeout"))
         return events
+
+    def refuse_all(self, status: Status, message: str) -> list[Event]:
+        """End every call in flight visibly: the server answers each with ERROR (the handlers
+        are to be cancelled), the client fails each locally. Nothing is sent afterwards."""
+        calls, self._calls = self._calls, {}
+        self._deadlines.clear()
+        if self._client:
+            return [ErrorReceived(c, status, message) for c in calls]
+        for call_id in calls:
+            self._emit((ERROR, call_id, int(status), message, None, None))
+        return [CallCancelled(c, status) for c in calls]
 
     def fail_all(self, status: Status, message: str) -> list[Event]:
         """The transport is gone: every call in flight ends (client: errors; server: cancels)."""

@@ -1,6 +1,9 @@
-"""Events the sans-IO connection hands to its shell.
+"""Events the sans-IO endpoint hands to its shell.
 
 Plain classes with ``__slots__`` rather than dataclasses: one is built per call on the hot path.
+``EndpointEvent`` is the closed union of everything ``Endpoint`` returns; the shells dispatch on
+it with ``match`` and ``typing.assert_never``, so mypy names any event a shell forgets.
+``ConnectionTerminated`` is internal to the call multiplexer: the endpoint turns it into a close.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from typing import Any
 from vrpc.status import Status
 
 __all__ = [
+    "AttestationRequested",
     "CallCancelled",
+    "ConnectionClosed",
     "ConnectionTerminated",
     "CreditAvailable",
+    "EndpointEvent",
     "ErrorReceived",
     "Event",
     "GoAwayReceived",
@@ -21,6 +27,8 @@ __all__ = [
     "PongReceived",
     "RequestReceived",
     "ResponseReceived",
+    "SessionEstablished",
+    "SettingsReceived",
     "StreamEnded",
 ]
 
@@ -165,6 +173,8 @@ class GoAwayReceived(Event):
 
 
 class PongReceived(Event):
+    """The peer answered our keepalive PING; ``rtt`` is the round trip in seconds."""
+
     __slots__ = ("rtt",)
 
     def __init__(self, rtt: float) -> None:
@@ -179,3 +189,87 @@ class ConnectionTerminated(Event):
     def __init__(self, status: Status, reason: str) -> None:
         self.status = status
         self.reason = reason
+
+
+class SettingsReceived(Event):
+    """Client side: the server announced how many calls it serves at once on this connection."""
+
+    __slots__ = ("max_calls",)
+
+    def __init__(self, max_calls: int) -> None:
+        self.max_calls = max_calls
+
+
+class AttestationRequested(Event):
+    """The handshake needs this side's attestation document with exactly these fields: run the
+    attester (off the event loop for /dev/nsm) and answer with ``Endpoint.supply_attestation``."""
+
+    __slots__ = ("nonce", "public_key", "user_data")
+
+    def __init__(self, user_data: bytes, nonce: bytes, public_key: bytes) -> None:
+        self.user_data = user_data
+        self.nonce = nonce
+        self.public_key = public_key
+
+
+class SessionEstablished(Event):
+    """The handshake completed: calls may flow. ``peer_claims`` are the verified attestation
+    claims of the peer (None when the peer was not attested)."""
+
+    __slots__ = ("channel_binding", "mode", "peer_claims", "service")
+
+    def __init__(
+        self, peer_claims: Any, mode: str, channel_binding: bytes, service: str | None
+    ) -> None:
+        self.peer_claims = peer_claims
+        self.mode = mode
+        self.channel_binding = channel_binding
+        self.service = service
+
+
+class ConnectionClosed(Event):
+    """The connection is over; the shell sends ``data_to_send()`` and closes the transport.
+
+    Always the last event, emitted once. ``clean`` is True for an exchange of CLOSE records;
+    ``error`` is the exception that ended it (None when clean); ``in_handshake`` says no session
+    was established; ``retryable`` says a new connection may succeed (the transport failed or the
+    server was at its connection limit), as opposed to a verdict on the peer (attestation,
+    protocol violation), which is never retried silently.
+    """
+
+    __slots__ = ("clean", "error", "in_handshake", "reason", "retryable", "status")
+
+    def __init__(
+        self,
+        status: Status,
+        reason: str,
+        *,
+        clean: bool = False,
+        error: Exception | None = None,
+        in_handshake: bool = False,
+        retryable: bool = False,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.clean = clean
+        self.error = error
+        self.in_handshake = in_handshake
+        self.retryable = retryable
+
+
+EndpointEvent = (
+    RequestReceived
+    | ResponseReceived
+    | ErrorReceived
+    | ItemReceived
+    | StreamEnded
+    | HeadersReceived
+    | CallCancelled
+    | CreditAvailable
+    | GoAwayReceived
+    | PongReceived
+    | SettingsReceived
+    | AttestationRequested
+    | SessionEstablished
+    | ConnectionClosed
+)

@@ -27,7 +27,8 @@ Theory of operation
   exactly; ``plaintext`` needs an explicit opt-in on both sides and is never a fallback.
 
 The wire layout of every message, the transcript and the key schedule are in docs/protocol.md;
-the state machine is ``_TRANSITIONS`` below (the only place that says what may happen when).
+the state machine is ``_TRANSITIONS`` below (which input may move which state where), with
+``_EXPECTED`` saying which message each waiting state reads.
 Any failure ends the handshake for good: keys are dropped, one ALERT is queued for the peer, and
 every later call raises.
 """
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from vrpc.exceptions import (
     AttestationError,
     FrameTooLarge,
+    HandshakeAlert,
     HandshakeError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -126,6 +128,8 @@ class Alert(enum.IntEnum):
     ATTESTATION_REFUSED = 5
     FINISHED_INVALID = 6
     INTERNAL_ERROR = 7
+    CONNECTION_LIMIT = 8  # the server is at its connection limit: try again or elsewhere
+    HANDSHAKE_LIMIT = 9  # too many handshakes in progress on the server: try again shortly
 
 
 _hdr = struct.Struct(">BI")
@@ -135,6 +139,11 @@ _u32 = struct.Struct(">I")
 
 def _frame(msg_type: int, body: bytes) -> bytes:
     return _hdr.pack(msg_type, len(body)) + body
+
+
+def alert_frame(alert: Alert) -> bytes:
+    """The ALERT message for ``alert`` (6 bytes)."""
+    return _frame(MsgType.ALERT, bytes((alert,)))
 
 
 # -- messages --------------------------------------------------------------------------------------
@@ -430,12 +439,14 @@ class _Handshake:
                 raise HandshakeError("malformed ALERT")
             if len(buf) < 6:
                 return None
+            code = buf[5]
             try:
-                reason = Alert(buf[5]).name.lower()
+                alert: Alert | None = Alert(code)
+                reason = Alert(code).name.lower()
             except ValueError:
-                reason = f"code {buf[5]}"
+                alert, reason = None, f"code {code}"
             # Never answer an ALERT with an ALERT.
-            raise _Fail(None, HandshakeError(f"peer aborted the handshake ({reason})"))
+            raise _Fail(None, HandshakeAlert(f"peer aborted the handshake ({reason})", alert))
         if expected is None or msg_type != expected:
             raise HandshakeError(f"unexpected handshake message type 0x{msg_type:02x}")
         if length > MAX_MESSAGE[msg_type]:
