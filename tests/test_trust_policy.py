@@ -107,3 +107,9 @@ async def test_debug_enclave_over_unix_needs_matching_pins(
             assert await ok.stub(Echo).echo(b"debug allowed") == b"debug allowed"
     finally:
         await server.close(grace=0)
+
+
+def test_the_handshake_adapter_checks_the_policy_too(attester: vrpc.InsecureTestAttester) -> None:
+    weak = vrpc.Verifier(vrpc.Policy(pcrs={4: DEFAULT_TEST_PCRS[4]}), attester.trust_root())
+    with pytest.raises(PolicyViolation, match=WHY):
+        handshake_verifier(weak)

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from vrpc.attestation import InsecureTestAttester, TrustRoot, verify_document
+from vrpc.attestation import InsecureTestAttester, TrustRoot, Verifier, verify_document
 from vrpc.attestation import _document as document_module
-from vrpc.exceptions import CertificateExpired, ChainInvalid, SignatureInvalid
+from vrpc.exceptions import BindingMismatch, CertificateExpired, ChainInvalid, SignatureInvalid
 
 NO_NSM = "/nonexistent/dev/nsm"
 FAR = datetime(2099, 1, 1, tzinfo=UTC)
@@ -179,6 +179,17 @@ def test_a_tampered_signature_is_refused_with_a_cached_chain(
     with pytest.raises(SignatureInvalid):
         verify_document(rebuild(document, signature=bytes(signature)), now=now, root=root)
     assert len(builds) == 1  # the chain came from the cache; the signature was still checked
+
+
+def test_bindings_are_checked_with_a_cached_chain(
+    attester: InsecureTestAttester, builds: list[datetime]
+) -> None:
+    verifier = Verifier(attester.policy(), attester.trust_root())
+    now = datetime.now(UTC)
+    verifier.verify(attester.attest(nonce=b"mine"), now=now, nonce=b"mine")
+    with pytest.raises(BindingMismatch, match="nonce mismatch"):
+        verifier.verify(attester.attest(nonce=b"theirs"), now=now, nonce=b"mine")
+    assert len(builds) == 1
 
 
 def test_a_cached_chain_does_not_excuse_the_timestamp(
