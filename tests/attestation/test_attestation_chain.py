@@ -273,6 +273,7 @@ def test_failures_are_not_cached(attester: InsecureTestAttester, builds: list[da
 def test_the_cache_is_bounded_and_evicts_the_least_recently_used(
     builds: list[datetime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert document_module.CHAIN_CACHE_SIZE == 64  # the documented bound
     monkeypatch.setattr(document_module, "CHAIN_CACHE_SIZE", 2)
     a, b, c = (InsecureTestAttester(seed=s, nsm_path=NO_NSM) for s in (b"a", b"b", b"c"))
     now = datetime.now(UTC)
