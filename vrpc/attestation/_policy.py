@@ -172,8 +172,8 @@ class Policy:
     def require_pins(self, *, prod: bool = True) -> None:
         """Refuse a policy that does not identify an enclave image (fail closed).
 
-        Called before a policy decides who a session talks to (by the client in prod mode and by
-        :func:`vrpc._verify.handshake_verifier` for every handshake verifier). It requires a
+        Called before a policy decides who a session talks to (by the client when it is built and
+        by :func:`vrpc._verify.handshake_verifier` for every handshake verifier). It requires a
         non-zero pin of PCR0, PCR2 or PCR8; with ``allow_debug`` an all-zero PCR0 or PCR2 pin is
         accepted instead (debug enclaves report zeros, so only debug enclaves pass). In ``prod``
         (a non-test trust root) ``allow_debug`` also needs ``VRPC_ALLOW_DEBUG_ENCLAVE=1``.
