@@ -356,7 +356,8 @@ _chain_cache_lock = threading.Lock()
 
 
 def clear_chain_cache() -> None:
-    """Forget every cached chain validation (tests; or after changing trust decisions)."""
+    """Forget every cached chain validation (for tests and measurements; the root is part of
+    every key, so changing roots needs no clearing)."""
     with _chain_cache_lock:
         _chain_cache.clear()
 
