@@ -2,7 +2,8 @@
 
 The handshake core passes time as a float (it never reads a clock) and asks a plain callable to
 verify the peer's document; ``vrpc.attestation.Verifier`` wants a timezone-aware datetime. Both
-shells (the client checking the enclave, a server checking attested clients) use this one adapter.
+shells (the client checking the enclave, a server checking attested clients) use this one adapter,
+so it is also where a policy is checked before it decides who a session talks to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ HandshakeVerify = Callable[..., Claims]
 
 
 def handshake_verifier(verifier: Verifier) -> HandshakeVerify:
-    """``verify(document, *, nonce, public_key, user_data, now)`` for the handshake."""
+    """``verify(document, *, nonce, public_key, user_data, now)`` for the handshake.
+
+    Raises PolicyViolation at once (fail closed) when the verifier's policy does not pin an
+    enclave image (:meth:`Policy.require_pins`), under a test root too: a policy that accepts any
+    image is as wrong in development as in production. Debug enclaves need the environment opt-in
+    only under the production root; a test root has already needed its own two opt-ins.
+    """
+    verifier.policy.require_pins(prod=not verifier.root.insecure)
 
     def verify(
         document: bytes, *, nonce: bytes, public_key: bytes, user_data: bytes, now: float

@@ -343,8 +343,8 @@ class Client:
                 raise TypeError("policy must be a vrpc.Policy")
             root = AWS_NITRO_ROOT if root is None else root
             self.mode = "dev-insecure" if root.insecure else "prod"
-            if self.mode == "prod":
-                policy.require_pins()
+            # Fail closed at construction, under a test root too (docs/security.md).
+            policy.require_pins(prod=self.mode == "prod")
             self._verifier = Verifier(policy, root)
         self.mutual_attester = mutual_attester
         self.service = service

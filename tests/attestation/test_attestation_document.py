@@ -8,6 +8,7 @@ from typing import Any
 import cbor2
 import pytest
 from attestation_helpers import (
+    ALL_DOCUMENTS,
     BAD_SIGNATURE,
     DEBUG,
     GENUINE,
@@ -202,12 +203,25 @@ def test_protected_header_must_be_exactly_es384(
         at_own_time(rebuild(genuine, protected=protected), genuine)
 
 
-def test_protected_header_bytes_are_signed_as_received(genuine: bytes) -> None:
-    # {1: -35} with a non-minimal argument decodes the same but is different signed bytes.
-    non_minimal = b"\xa1\x01\x39\x00\x22"
-    assert cbor2.loads(non_minimal) == {1: -35}
-    with pytest.raises(SignatureInvalid):
-        at_own_time(rebuild(genuine, protected=non_minimal), genuine)
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        b"\xa1\x01\x39\x00\x22",  # non-minimal argument for -35
+        b"\xa1\x18\x01\x38\x22",  # non-minimal key 1
+        b"\xbf\x01\x38\x22\xff",  # indefinite-length map
+    ],
+)
+def test_protected_header_must_be_canonical(genuine: bytes, spelling: bytes) -> None:
+    # These decode to {1: -35} too but are other signed bytes: one spelling only, refused before
+    # the signature is even looked at.
+    assert cbor2.loads(spelling) == {1: -35}
+    with pytest.raises(MalformedDocument, match="expected the canonical encoding a1013822"):
+        at_own_time(rebuild(genuine, protected=spelling), genuine)
+
+
+def test_every_recorded_document_has_the_canonical_protected_header() -> None:
+    for name in ALL_DOCUMENTS:
+        assert split(vector(name))[0] == b"\xa1\x01\x38\x22", name
 
 
 def test_protected_header_must_be_a_byte_string(genuine: bytes) -> None:

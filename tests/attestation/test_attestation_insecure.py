@@ -11,7 +11,10 @@ import pytest
 import structlog
 from attestation_helpers import document_time, split, vector
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from vrpc.attestation import (
     AWS_NITRO_ROOT,
@@ -136,6 +139,51 @@ def test_test_root_cannot_be_a_production_root(attester: InsecureTestAttester) -
     with pytest.raises(PolicyViolation, match="fingerprint mismatch"):
         TrustRoot(certificate=cert, fingerprint="00" * 32, insecure=True)
     assert AWS_NITRO_ROOT.insecure is False
+
+
+def test_direct_insecure_construction_needs_the_env_var(attester: InsecureTestAttester) -> None:
+    cert = x509.load_pem_x509_certificate(attester.root_pem)
+    fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    with pytest.raises(PolicyViolation, match="VRPC_INSECURE_TEST_ATTESTATION=1"):
+        TrustRoot(certificate=cert, fingerprint=fingerprint, insecure=True)
+
+
+def test_direct_insecure_construction_needs_the_label(opt_in: None) -> None:
+    # A root that looks like AWS's, built with insecure=True directly: the label is still required.
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "aws.nitro-enclaves"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Amazon"),
+        ]
+    )
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    with pytest.raises(PolicyViolation, match="test root subject must be CN="):
+        TrustRoot(certificate=cert, fingerprint=fingerprint, insecure=True)
+    aws = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM)
+    with pytest.raises(PolicyViolation, match="test root subject must be CN="):
+        TrustRoot(certificate=aws, fingerprint=AWS_NITRO_ROOT.fingerprint, insecure=True)
+
+
+def test_direct_insecure_construction_with_both_opt_ins(
+    attester: InsecureTestAttester, opt_in: None
+) -> None:
+    cert = x509.load_pem_x509_certificate(attester.root_pem)
+    fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    root = TrustRoot(certificate=cert, fingerprint=fingerprint, insecure=True)
+    assert root == attester.trust_root()
 
 
 def test_refuses_to_run_where_dev_nsm_exists(tmp_path: Path) -> None:

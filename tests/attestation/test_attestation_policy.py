@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 from attestation_helpers import document_time, vector
 
 from vrpc.attestation import Claims, Policy, Verifier, check_bindings
@@ -136,6 +137,67 @@ def test_require_pins_explains_how_to_build_a_policy() -> None:
     with pytest.raises(PolicyViolation, match=r"vrpc attest policy measurements\.json"):
         Policy().require_pins()
     Policy(pcrs={0: P0}).require_pins()
+
+
+@pytest.mark.parametrize("indices", [(), (1,), (3,), (4,), (3, 4), (1, 3, 4), (5, 9, 16)])
+def test_require_pins_refuses_pins_that_identify_no_image(indices: tuple[int, ...]) -> None:
+    policy = Policy(pcrs=dict.fromkeys(indices, P1))
+    for prod in (True, False):
+        with pytest.raises(PolicyViolation) as info:
+            policy.require_pins(prod=prod)
+        message = str(info.value)
+        assert "PCR3/PCR4 are chosen by the parent instance" in message
+        assert "PCR1 is shared by every image built with the same nitro-cli" in message
+        assert "pin PCR0, PCR2 or PCR8" in message
+
+
+@pytest.mark.parametrize("index", [0, 2, 8])
+def test_require_pins_accepts_one_image_pcr(index: int) -> None:
+    Policy(pcrs={index: P0}).require_pins()
+    Policy(pcrs={index: P0, 3: P1, 4: P2}).require_pins(prod=False)
+
+
+@pytest.mark.parametrize("pins", [{8: bytes(48)}, {0: bytes(48)}, {2: bytes(48), 4: P1}])
+def test_require_pins_refuses_all_zero_image_pins(pins: dict[int, bytes]) -> None:
+    # PCR8 is all zero for every unsigned image: such a pin alone would accept any of them.
+    with pytest.raises(PolicyViolation, match="only all-zero image PCRs"):
+        Policy(pcrs=pins).require_pins()
+
+
+def test_all_zero_pcr8_is_refused_even_with_allow_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRPC_ALLOW_DEBUG_ENCLAVE", "1")
+    with pytest.raises(PolicyViolation, match="only all-zero image PCRs"):
+        Policy(pcrs={8: bytes(48)}, allow_debug=True).require_pins()
+    # Zero PCR0 with allow_debug admits only debug enclaves, so it passes (with the opt-in).
+    Policy(pcrs={0: bytes(48)}, allow_debug=True).require_pins()
+
+
+@pytest.mark.parametrize("value", [None, "0", "true", ""])
+def test_allow_debug_in_prod_needs_the_env_opt_in(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("VRPC_ALLOW_DEBUG_ENCLAVE", raising=False)
+    else:
+        monkeypatch.setenv("VRPC_ALLOW_DEBUG_ENCLAVE", value)
+    policy = Policy(pcrs={0: bytes(48), 1: bytes(48), 2: bytes(48)}, allow_debug=True)
+    with pytest.raises(PolicyViolation) as info:
+        policy.require_pins()
+    assert "allow_debug=True refused in prod mode" in str(info.value)
+    assert "memory is readable by the parent instance" in str(info.value)
+    assert "VRPC_ALLOW_DEBUG_ENCLAVE=1" in str(info.value)
+    # Under a test root (prod=False) the root's own two opt-ins already say "not confidential".
+    policy.require_pins(prod=False)
+
+
+def test_allow_debug_opt_in_logs_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRPC_ALLOW_DEBUG_ENCLAVE", "1")
+    with structlog.testing.capture_logs() as logs:
+        Policy(pcrs={0: bytes(48)}, allow_debug=True).require_pins()
+        Policy(pcrs={0: P0}).require_pins()
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert "DEBUG-MODE ENCLAVES ACCEPTED" in warnings[0]["event"]
 
 
 # -- measurements and files ----------------------------------------------------------------

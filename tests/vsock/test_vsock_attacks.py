@@ -74,8 +74,9 @@ async def test_debug_mode_enclave_and_foreign_root_refused_over_vsock(
     await server.start(f"vsock://ANY:{vsock_port}")
     try:
         async with asyncio.timeout(BOUND):
-            # A policy that pins only PCR3 (the debug enclave's is genuine) and allows no debug.
-            strict = vrpc.Policy(pcrs={3: DEFAULT_TEST_PCRS[3]})
+            # A policy pinning the real image's PCR0 (and PCR3, which the debug enclave shares)
+            # and allowing no debug: the all-zero PCR0 is refused as a debug-mode enclave.
+            strict = vrpc.Policy(pcrs={0: DEFAULT_TEST_PCRS[0], 3: DEFAULT_TEST_PCRS[3]})
             with pytest.raises(vrpc.AttestationError, match=r"(?i)debug"):
                 async with vrpc.connect(
                     f"vsock://LOCAL:{vsock_port}", policy=strict, root=debug.trust_root()

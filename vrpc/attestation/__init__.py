@@ -10,7 +10,7 @@ from __future__ import annotations
 from vrpc.attestation._document import MAX_DOCUMENT_SIZE, Claims, verify_document
 from vrpc.attestation._insecure import DEFAULT_TEST_PCRS, InsecureTestAttester
 from vrpc.attestation._nsm import Attester, NsmAttester, NsmDevice
-from vrpc.attestation._policy import Policy, check_bindings
+from vrpc.attestation._policy import ALLOW_DEBUG_ENV_VAR, IMAGE_PCRS, Policy, check_bindings
 from vrpc.attestation._roots import (
     AWS_NITRO_ROOT,
     AWS_NITRO_ROOT_FINGERPRINT,
@@ -20,9 +20,11 @@ from vrpc.attestation._roots import (
 from vrpc.attestation._verifier import Verifier
 
 __all__ = [
+    "ALLOW_DEBUG_ENV_VAR",
     "AWS_NITRO_ROOT",
     "AWS_NITRO_ROOT_FINGERPRINT",
     "DEFAULT_TEST_PCRS",
+    "IMAGE_PCRS",
     "INSECURE_ENV_VAR",
     "MAX_DOCUMENT_SIZE",
     "Attester",

@@ -7,12 +7,14 @@ The checks run cheapest first, and each failure raises the most specific
 1. size cap (16 KiB) — before any decoding;
 2. CBOR structure: one COSE_Sign1 array (untagged as NSM emits it, or tag 18), no trailing bytes,
    no duplicate map keys;
-3. headers: protected header exactly ``{1: -35}`` (ES384), unprotected header empty, 96-byte
-   ``r || s`` signature;
+3. headers: protected header exactly the canonical bytes of ``{1: -35}`` (ES384, ``a1 01 38
+   22``), unprotected header empty, 96-byte ``r || s`` signature;
 4. payload fields: every required field present, non-null, of the right type and size;
-5. certificate chain: leaf → ``cabundle[N-1]`` … ``cabundle[1]`` → the *pinned* root (never
-   ``cabundle[0]``, which is only the document's claim of which root it uses);
-6. COSE signature over ``["Signature1", protected, b"", payload]`` built from the bytes exactly as
+5. certificate chain: leaf (not a CA) → ``cabundle[N-1]`` … ``cabundle[1]`` → the *pinned* root
+   (never ``cabundle[0]``, which is only the document's claim of which root it uses); a validated
+   chain is cached by its exact certificate bytes and root until its earliest notAfter;
+6. the document's timestamp lies within the leaf certificate's validity;
+7. COSE signature over ``["Signature1", protected, b"", payload]`` built from the bytes exactly as
    received. Payloads come with definite- and indefinite-length maps; re-encoding would break the
    signature or, worse, verify something other than what was signed.
 
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +43,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    VerificationError,
+)
+from cryptography.x509.verification import Policy as _X509Policy
 
 from vrpc.attestation._roots import AWS_NITRO_ROOT, TrustRoot
 from vrpc.exceptions import (
@@ -61,6 +71,10 @@ MAX_DOCUMENT_SIZE = 16 * 1024
 _MAX_CBOR_DEPTH = 8
 
 _ES384 = -35
+# The canonical (RFC 8949 §4.2.1) encoding of {1: -35}, as every genuine document carries it. Other
+# encodings decode to the same map but are different signed bytes: refuse them rather than give
+# the document two spellings.
+_CANONICAL_PROTECTED = b"\xa1\x01\x38\x22"
 _SIGNATURE_SIZE = 96  # P-384: 48-byte r || 48-byte s (RFC 9053 §2.1)
 _COSE_SIGN1_TAG = 18
 _SHA384_SIZE = 48
@@ -170,6 +184,11 @@ def _parse_envelope(document: bytes) -> tuple[bytes, bytes, bytes]:
     ):
         raise MalformedDocument(
             f"protected header: expected exactly {{1: -35}} (alg ES384), got {header!r}"
+        )
+    if protected != _CANONICAL_PROTECTED:
+        raise MalformedDocument(
+            f"protected header: expected the canonical encoding {_CANONICAL_PROTECTED.hex()} of "
+            f"{{1: -35}}, got {protected.hex()}"
         )
     if not isinstance(unprotected, Mapping) or len(unprotected) != 0:
         raise MalformedDocument(f"unprotected header: expected an empty map, got {unprotected!r}")
@@ -293,7 +312,57 @@ def _check_validity(cert: x509.Certificate, what: str, now: datetime) -> None:
         )
 
 
-def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> ec.EllipticCurvePublicKey:
+def _refuse_ca_leaf(
+    _policy: _X509Policy, _cert: x509.Certificate, constraints: x509.BasicConstraints | None
+) -> None:
+    # A CA certificate can issue certificates: as a leaf it would let its key holder vouch for
+    # keys the NSM never made. Genuine Nitro leaves carry basicConstraints CA=false.
+    if constraints is not None and constraints.ca:
+        raise ValueError("the leaf certificate is a CA (basicConstraints CA=true)")
+
+
+def _refuse_cert_sign_leaf(
+    _policy: _X509Policy, _cert: x509.Certificate, usage: x509.KeyUsage | None
+) -> None:
+    if usage is not None and usage.key_cert_sign:
+        raise ValueError("the leaf certificate may sign certificates (keyUsage keyCertSign)")
+
+
+# Nitro leaves lack SAN and AKI, so the end-entity policy starts from permit_all, then refuses a
+# leaf that is a CA or may sign certificates. CA certificates keep the full WebPKI CA profile
+# (basicConstraints, keyUsage, AKI on intermediates).
+_EE_POLICY = (
+    ExtensionPolicy.permit_all()
+    .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, _refuse_ca_leaf)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _refuse_cert_sign_leaf)
+)
+
+
+@dataclass(frozen=True)
+class _ValidChain:
+    """A chain that validated, and the window in which that result holds."""
+
+    key: ec.EllipticCurvePublicKey
+    leaf_not_before: datetime
+    leaf_not_after: datetime
+    valid_from: datetime  # the latest notBefore of every certificate involved
+    valid_until: datetime  # the earliest notAfter of every certificate involved
+
+
+#: How many validated chains are remembered (one per enclave leaf: leaves live ~3 hours).
+CHAIN_CACHE_SIZE = 64
+_chain_cache: OrderedDict[tuple[bytes, ...], _ValidChain] = OrderedDict()
+_chain_cache_lock = threading.Lock()
+
+
+def clear_chain_cache() -> None:
+    """Forget every cached chain validation (for tests and measurements; the root is part of
+    every key, so changing roots needs no clearing)."""
+    with _chain_cache_lock:
+        _chain_cache.clear()
+
+
+def _validate_chain(claims: Claims, now: datetime, root: TrustRoot) -> _ValidChain:
     leaf = _load_cert(claims.certificate, "certificate", ca=False)
     bundle = [_load_cert(der, f"cabundle[{i}]", ca=True) for i, der in enumerate(claims.cabundle)]
     # Explicit validity checks first: they give a readable CertificateExpired naming the
@@ -301,15 +370,11 @@ def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> ec.Elliptic
     _check_validity(leaf, "leaf certificate", now)
     for i, cert in enumerate(bundle):
         _check_validity(cert, f"cabundle[{i}]", now)
-    # Nitro leaves lack SAN and AKI, so the end-entity policy is permit_all; CA certificates keep
-    # the full WebPKI CA profile (basicConstraints, keyUsage, AKI on intermediates).
     verifier = (
         PolicyBuilder()
         .store(root.store)
         .time(now)
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
-        )
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY)
         .build_client_verifier()
     )
     try:
@@ -323,7 +388,53 @@ def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> ec.Elliptic
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise MalformedDocument(f"leaf key: expected an EC P-384 key, got {type(key).__name__}")
-    return key
+    involved = [leaf, *bundle, root.certificate]
+    return _ValidChain(
+        key=key,
+        leaf_not_before=leaf.not_valid_before_utc,
+        leaf_not_after=leaf.not_valid_after_utc,
+        valid_from=max(c.not_valid_before_utc for c in involved),
+        valid_until=min(c.not_valid_after_utc for c in involved),
+    )
+
+
+def _verify_chain(claims: Claims, now: datetime, root: TrustRoot) -> _ValidChain:
+    """The validated chain for ``claims`` at ``now``, from the cache when that result holds.
+
+    Path validation depends only on the certificates' bytes, the anchor and the time; inside the
+    window where every certificate involved is valid, the time changes nothing, so a success is
+    reused for the exact same bytes and root while ``now`` stays inside that window. Failures are
+    never cached. docs/security.md gives the full argument.
+    """
+    cache_key = (root.fingerprint.encode(), claims.certificate, *claims.cabundle)
+    with _chain_cache_lock:
+        cached = _chain_cache.get(cache_key)
+        if cached is not None:
+            if cached.valid_from <= now <= cached.valid_until:
+                _chain_cache.move_to_end(cache_key)
+                return cached
+            del _chain_cache[cache_key]
+    chain = _validate_chain(claims, now, root)
+    with _chain_cache_lock:
+        _chain_cache[cache_key] = chain
+        _chain_cache.move_to_end(cache_key)
+        while len(_chain_cache) > CHAIN_CACHE_SIZE:
+            _chain_cache.popitem(last=False)
+    return chain
+
+
+def _check_timestamp(claims: Claims, chain: _ValidChain) -> None:
+    # The NSM signs with a key its leaf certificate vouches for only within that certificate's
+    # validity; a document claiming another time is not one the certificate covers. Compared in
+    # integer milliseconds: an attacker's timestamp may be far outside datetime's range.
+    low = int(chain.leaf_not_before.timestamp()) * 1000
+    high = int(chain.leaf_not_after.timestamp()) * 1000
+    if not low <= claims.timestamp_ms <= high:
+        raise CertificateExpired(
+            f"document timestamp {claims.timestamp_ms} ms is outside its leaf certificate's "
+            f"validity ({chain.leaf_not_before.isoformat()} to "
+            f"{chain.leaf_not_after.isoformat()}, {low}..{high} ms)"
+        )
 
 
 def _verify_signature(
@@ -357,6 +468,7 @@ def verify_document(document: bytes, *, now: datetime, root: TrustRoot = AWS_NIT
         )
     protected, payload, signature = _parse_envelope(document)
     claims = _parse_payload(payload)
-    key = _verify_chain(claims, now.astimezone(UTC), root)
-    _verify_signature(key, protected, payload, signature)
+    chain = _verify_chain(claims, now.astimezone(UTC), root)
+    _check_timestamp(claims, chain)
+    _verify_signature(chain.key, protected, payload, signature)
     return claims

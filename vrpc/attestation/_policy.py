@@ -4,6 +4,11 @@ module id, and the caller's bindings (nonce, public key, user data).
 PCRs identify the *image* (0: EIF, 1: kernel + boot ramfs, 2: application, 8: EIF signing
 certificate) and optionally the deployment (3: IAM role, 4: parent instance id). They do not
 identify one running instance: pin ``module_id_prefix`` or PCR4 when the instance matters.
+
+A policy that decides who a session talks to must pin an image-identifying PCR (0, 2 or 8) to a
+non-zero value (:meth:`Policy.require_pins`): PCR3/PCR4 are chosen by the untrusted parent, PCR1
+is shared by every image built with the same nitro-cli, and zeros are what every debug enclave
+(PCR0-2) or unsigned image (PCR8) reports.
 """
 
 from __future__ import annotations
@@ -19,10 +24,20 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import structlog
+
 from vrpc.attestation._document import Claims
 from vrpc.exceptions import BindingMismatch, LocalProtocolError, PolicyViolation
 
-__all__ = ["Policy", "check_bindings"]
+__all__ = ["ALLOW_DEBUG_ENV_VAR", "IMAGE_PCRS", "Policy", "check_bindings"]
+
+_log = structlog.get_logger("vrpc.attestation")
+
+#: PCRs that identify the enclave image: the EIF (0), the application (2), the EIF signer (8).
+IMAGE_PCRS = (0, 2, 8)
+#: The environment variable that must be exactly "1" before a prod session accepts a policy
+#: with ``allow_debug=True`` (debug-mode enclaves' memory is readable by the parent instance).
+ALLOW_DEBUG_ENV_VAR = "VRPC_ALLOW_DEBUG_ENCLAVE"
 
 _PCR_SIZE = 48
 _PCR_COUNT = 32
@@ -154,11 +169,42 @@ class Policy:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def require_pins(self) -> None:
-        """Refuse a policy that pins nothing (it would accept any enclave image)."""
-        if not self.pcrs:
+    def require_pins(self, *, prod: bool = True) -> None:
+        """Refuse a policy that does not identify an enclave image (fail closed).
+
+        Called before a policy decides who a session talks to (by the client when it is built and
+        by :func:`vrpc._verify.handshake_verifier` for every handshake verifier). It requires a
+        non-zero pin of PCR0, PCR2 or PCR8; with ``allow_debug`` an all-zero PCR0 or PCR2 pin is
+        accepted instead (debug enclaves report zeros, so only debug enclaves pass). In ``prod``
+        (a non-test trust root) ``allow_debug`` also needs ``VRPC_ALLOW_DEBUG_ENCLAVE=1``.
+        """
+        image = {i: v for i, v in self.pcrs.items() if i in IMAGE_PCRS}
+        if not image:
+            pinned = ", ".join(f"PCR{i}" for i in self.pcrs) or "no PCRs"
             raise PolicyViolation(
-                f"the policy pins no PCRs, so any enclave would pass; {_HOW_TO_PIN}"
+                f"the policy pins {pinned}, which identifies no enclave image, so any enclave "
+                "would pass: PCR3/PCR4 are chosen by the parent instance; PCR1 is shared by every "
+                f"image built with the same nitro-cli; pin PCR0, PCR2 or PCR8 ({_HOW_TO_PIN})"
+            )
+        if not any(any(v) for v in image.values()) and not (
+            self.allow_debug and (0 in image or 2 in image)
+        ):
+            raise PolicyViolation(
+                "the policy pins only all-zero image PCRs, which identify no image: every "
+                "unsigned image has PCR8 all zero and every debug-mode enclave PCR0-2; pin the "
+                f"image's non-zero PCR0 or PCR2 (or PCR8 of a signed image) ({_HOW_TO_PIN})"
+            )
+        if self.allow_debug and prod:
+            if os.environ.get(ALLOW_DEBUG_ENV_VAR) != "1":
+                raise PolicyViolation(
+                    "allow_debug=True refused in prod mode: a debug-mode enclave's memory is "
+                    "readable by the parent instance, so nothing it holds is confidential; set "
+                    f"{ALLOW_DEBUG_ENV_VAR}=1 in the environment to accept debug enclaves anyway"
+                )
+            _log.warning(
+                "DEBUG-MODE ENCLAVES ACCEPTED: their memory is readable by the parent instance, "
+                "nothing sent to them is confidential",
+                env=ALLOW_DEBUG_ENV_VAR,
             )
 
     def check(self, claims: Claims, *, now: datetime) -> None:

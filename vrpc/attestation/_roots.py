@@ -5,9 +5,10 @@ SHA-256 of its DER encoding. The fingerprint AWS quotes in its documentation
 (``8cf60e2b…faff7c``) is the hash of the *zip file* the certificate ships in, not of the
 certificate; the pin below is the certificate's own.
 
-The only other anchor vrpc accepts is a locally generated test root, and only through
-:meth:`TrustRoot.insecure_test`, which needs both an explicit call and the environment variable
-``VRPC_INSECURE_TEST_ATTESTATION=1``.
+The only other anchor vrpc accepts is a locally generated test root. Every way of building one
+(:meth:`TrustRoot.insecure_test`, or ``TrustRoot(..., insecure=True)`` directly) needs both the
+environment variable ``VRPC_INSECURE_TEST_ATTESTATION=1`` and the INSECURE labels in the
+certificate's subject.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class TrustRoot:
     """A certificate that attestation chains must end in.
 
     Construct it as :data:`AWS_NITRO_ROOT` (production) or with :meth:`insecure_test`. A
-    non-insecure ``TrustRoot`` whose certificate is not the pinned AWS root cannot be created.
+    non-insecure ``TrustRoot`` whose certificate is not the pinned AWS root cannot be created, and
+    an insecure one cannot be created without both test-root opt-ins, whichever constructor runs.
     """
 
     certificate: x509.Certificate
@@ -91,6 +93,9 @@ class TrustRoot:
                 f"(expected {AWS_NITRO_ROOT_FINGERPRINT}, got {actual}); "
                 "test roots go through TrustRoot.insecure_test"
             )
+        if self.insecure:
+            # Checked here, not only in insecure_test, so no constructor skips the two opt-ins.
+            _require_insecure_opt_ins(self.certificate)
         object.__setattr__(self, "store", Store([self.certificate]))
 
     @classmethod
@@ -100,23 +105,32 @@ class TrustRoot:
         The certificate must carry the INSECURE labels in its subject, so a real CA can never be
         smuggled in through this door.
         """
-        if os.environ.get(INSECURE_ENV_VAR) != "1":
-            raise PolicyViolation(
-                "refusing to trust an insecure test attestation root: "
-                f"set {INSECURE_ENV_VAR}=1 in the environment to allow it (never in production)"
-            )
+        _require_insecure_env()
         try:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError as exc:
             raise PolicyViolation(f"test root is not a PEM certificate: {exc}") from None
-        cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        orgs = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
-        if cns != [INSECURE_ROOT_CN] or orgs != [INSECURE_ROOT_ORG]:
-            raise PolicyViolation(
-                f"test root subject must be CN={INSECURE_ROOT_CN!r}, O={INSECURE_ROOT_ORG!r} "
-                f"(got {cert.subject.rfc4514_string()!r})"
-            )
         return cls(certificate=cert, fingerprint=_fingerprint(cert), insecure=True)
+
+
+def _require_insecure_env() -> None:
+    if os.environ.get(INSECURE_ENV_VAR) != "1":
+        raise PolicyViolation(
+            "refusing to trust an insecure test attestation root: "
+            f"set {INSECURE_ENV_VAR}=1 in the environment to allow it (never in production)"
+        )
+
+
+def _require_insecure_opt_ins(cert: x509.Certificate) -> None:
+    """Both documented opt-ins: the environment variable and the INSECURE subject labels."""
+    _require_insecure_env()
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    orgs = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+    if cns != [INSECURE_ROOT_CN] or orgs != [INSECURE_ROOT_ORG]:
+        raise PolicyViolation(
+            f"test root subject must be CN={INSECURE_ROOT_CN!r}, O={INSECURE_ROOT_ORG!r} "
+            f"(got {cert.subject.rfc4514_string()!r})"
+        )
 
 
 def _load_aws_root() -> TrustRoot:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import socket
 import stat
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -37,8 +39,9 @@ async def create_server(
     if addr.scheme == "memory":
         return await create_memory_server(addr.path, factory)
     if addr.scheme == "unix":
-        _remove_stale_socket(addr.path)
-        return await loop.create_unix_server(factory, addr.path, backlog=backlog)
+        _claim_unix_path(addr.path)
+        server = await loop.create_unix_server(factory, addr.path, backlog=backlog)
+        return _UnixListener(server, addr.path)
     if addr.scheme == "tcp":
         return await loop.create_server(factory, addr.host, addr.port, backlog=backlog)
     from vrpc.transport.vsock import create_vsock_server
@@ -46,13 +49,75 @@ async def create_server(
     return await create_vsock_server(factory, addr.cid, addr.port, backlog=backlog)
 
 
-def _remove_stale_socket(path: str) -> None:
-    # A socket file left by a crashed server would make bind() fail; only ever remove sockets.
+def _claim_unix_path(path: str) -> None:
+    """Make ``path`` bindable without taking it from a live server.
+
+    A socket file left by a crashed server would make bind() fail, so a stale one is removed; but
+    unlinking the socket of a server that is still running would leave it listening, unreachable,
+    while we take over its address. So the file is probed first: a connect that succeeds (or finds
+    the backlog full) means a live server, and the path is refused; ECONNREFUSED means nobody
+    listens, and only then is the file removed. Only sockets are ever removed.
+    """
     if path.startswith("@"):
+        return  # abstract namespace: no file, and bind() itself refuses a live name
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # not ours to remove: bind() reports the conflict
+    except FileNotFoundError:
         return
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)  # a unix connect completes or fails at once; never wait
+        code = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if code in (0, errno.EAGAIN, errno.EWOULDBLOCK):
+        raise OSError(
+            errno.EADDRINUSE,
+            f"unix://{path}: another server is listening on this socket; "
+            "refusing to take it over (stop it first, or choose another path)",
+        )
+    if code == errno.ECONNREFUSED:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    elif code != errno.ENOENT:
+        raise OSError(code, f"unix://{path}: cannot probe the existing socket: {os.strerror(code)}")
+
+
+class _UnixListener:
+    """A unix-socket server that removes its own socket file when closed.
+
+    Only the file it created is removed: if the path now holds another file (a successor that
+    took over a stale path), that one is left alone.
+    """
+
+    def __init__(self, server: asyncio.AbstractServer, path: str) -> None:
+        self._server = server
+        self._path = path
+        self._identity = _file_identity(path)
+
+    def close(self) -> None:
+        self._server.close()
+        if self._identity is not None and _file_identity(self._path) == self._identity:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+        self._identity = None
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    if path.startswith("@"):
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 async def create_connection(
