@@ -1,4 +1,4 @@
-"""``make demo``: the keyvault enclave service end to end, on a machine without Nitro.
+"""``make demo`` (``python -m services.demo``): keyvault end to end, on a machine without Nitro.
 
 Everything here is the production code path except the attester: the server attests with the
 INSECURE test attester (clearly labelled; its root is trusted only because this demo opts in
@@ -8,6 +8,7 @@ server on loopback that verifies the enclave's attestation document before relea
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import os
@@ -154,20 +155,33 @@ def _inner(listen: str, connect: str) -> int:
     return 0
 
 
-def main(*, vsock: bool = False, argv: list[str] | None = None) -> int:
-    if argv:  # internal: `python -m vrpc.demo LISTEN CONNECT` (used inside the vsock lab)
-        return _inner(argv[0], argv[1])
-    if vsock:
-        lab = Path(__file__).resolve().parents[1] / "scripts" / "vsock-lab"
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.demo [--vsock]`` from a source checkout (the repository root)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.demo", description="keyvault end to end on this machine"
+    )
+    parser.add_argument("--vsock", action="store_true", help="inside the vsock lab VM")
+    # Internal: `python -m services.demo LISTEN CONNECT` is what runs inside the vsock lab.
+    parser.add_argument("uris", nargs="*", metavar="LISTEN CONNECT", help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.uris:
+        if len(args.uris) != 2:
+            parser.error("give both LISTEN and CONNECT URIs, or neither")
+        return _inner(args.uris[0], args.uris[1])
+    if args.vsock:
+        root = Path(__file__).resolve().parents[1]
+        lab = root / "scripts" / "vsock-lab"
         if not lab.exists():
-            print("vrpc demo: --vsock needs a source checkout (scripts/vsock-lab)", file=sys.stderr)
+            print("demo: --vsock needs a source checkout (scripts/vsock-lab)", file=sys.stderr)
             return 1
-        cmd = [str(lab), sys.executable, "-m", "vrpc.demo", "vsock://ANY:50555", "vsock://1:50555"]
-        return subprocess.call(cmd)
+        listen, connect = "vsock://ANY:50555", "vsock://1:50555"
+        cmd = [str(lab), sys.executable, "-m", "services.demo", listen, connect]
+        # The lab runs the command in the caller's directory: the root, where `services` imports.
+        return subprocess.call(cmd, cwd=root)
     with tempfile.TemporaryDirectory(prefix="vrpc-demo-") as tmp:
         sock = f"unix://{tmp}/keyvault.sock"
         return _inner(sock, sock)
 
 
 if __name__ == "__main__":
-    sys.exit(main(argv=sys.argv[1:]))
+    sys.exit(main())
