@@ -3,8 +3,9 @@
 Run in the enclave with ``vrpc serve services.keyvault.impl:create_server --listen
 vsock://ANY:5000``. Configuration comes from the environment (set in the enclave image):
 
-``VRPC_KMS_KEY_ID``        KMS key id/ARN/alias used for sealing; unset: seal/unseal refuse
-``VRPC_KMS_REGION``        region of that key (default ``AWS_REGION``, then ``us-east-1``)
+``VRPC_KMS_KEY_ID``        full ARN of the KMS key used for sealing (an alias or bare key id is
+                           refused at start); unset: seal/unseal refuse
+``VRPC_KMS_REGION``        must equal the ARN's region when set (the ARN's region is used)
 ``VRPC_KMS_ENDPOINT``      default ``https://kms.REGION.amazonaws.com``
 ``VRPC_KMS_PROXY_PORT``    parent's vsock-proxy port for KMS (default 8000)
 ``VRPC_CREDENTIALS_PORT``  parent's credentials port (default 8002)
@@ -35,7 +36,13 @@ from services.keyvault.interface import (
     KeyVault,
 )
 from services.keyvault.kms import KmsError
-from services.keyvault.sealing import Attester, SealedFormatError, Sealer
+from services.keyvault.sealing import (
+    Attester,
+    KeyArn,
+    KeyIdentityError,
+    SealedFormatError,
+    Sealer,
+)
 from vrpc.exceptions import RpcError
 from vrpc.status import Status
 
@@ -150,7 +157,7 @@ class KeyVaultImpl(KeyVault):
             payload = store.dump_keys(self._keys.values())
             try:
                 return await sealer.seal(payload)
-            except (KmsError, EnvelopeError, SealedFormatError) as exc:
+            except (KmsError, EnvelopeError, SealedFormatError, KeyIdentityError) as exc:
                 _sealing_failed("seal", exc)
 
     async def unseal(self, sealed: bytes) -> list[KeyInfo]:
@@ -164,7 +171,7 @@ class KeyVaultImpl(KeyVault):
                 _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
             except store.StoreFormatError as exc:
                 _fail(Status.DATA_LOSS, f"sealed key store is corrupt: {exc}", param="sealed")
-            except (KmsError, EnvelopeError) as exc:
+            except (KmsError, EnvelopeError, KeyIdentityError) as exc:
                 _sealing_failed("unseal", exc)
             new = [k for k in keys if k.info.key_id not in self._keys]
             for key in keys:
@@ -271,11 +278,17 @@ def _sealing_failed(operation: str, exc: Exception) -> NoReturn:
         else:
             status = Status.FAILED_PRECONDITION
         raise RpcError(status, f"{operation}: {exc}", {"param": None, "kms_code": exc.code})
+    if isinstance(exc, KeyIdentityError):
+        raise RpcError(Status.FAILED_PRECONDITION, f"{operation}: {exc}", {"param": None})
     raise RpcError(Status.INTERNAL, f"{operation}: {exc}", {"param": None}) from exc
 
 
 def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -> Sealer | None:
-    """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset)."""
+    """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset).
+
+    Raises ``KeyIdentityError`` when the key is not a full key ARN or the region disagrees: the
+    enclave refuses to start rather than talk to a key the parent could choose.
+    """
     from services.keyvault.credentials import ParentCredentials
     from services.keyvault.forward import EnclaveForward, vsock_connector
     from services.keyvault.kms import KmsClient
@@ -285,7 +298,10 @@ def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -
     key_id = env.get("VRPC_KMS_KEY_ID")
     if not key_id:
         return None
-    region = env.get("VRPC_KMS_REGION") or env.get("AWS_REGION") or "us-east-1"
+    arn = KeyArn.parse(key_id)
+    region = env.get("VRPC_KMS_REGION") or arn.region
+    if region != arn.region:
+        raise KeyIdentityError(f"VRPC_KMS_REGION is {region!r} but the key ARN is in {arn.region}")
     endpoint = env.get("VRPC_KMS_ENDPOINT") or f"https://kms.{region}.amazonaws.com"
     proxy_port = int(env.get("VRPC_KMS_PROXY_PORT", "8000"))
     creds_port = int(env.get("VRPC_CREDENTIALS_PORT", "8002"))

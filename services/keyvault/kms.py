@@ -39,6 +39,7 @@ __all__ = [
     "AwsCredentials",
     "CredentialsProvider",
     "DataKey",
+    "Decrypted",
     "KmsClient",
     "KmsError",
     "Route",
@@ -126,6 +127,12 @@ class DataKey:
     key_id: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class Decrypted:
+    ciphertext_for_recipient: bytes  # CMS envelope of the plaintext to the recipient RSA key
+    key_id: str  # the ARN of the key KMS used (the reply's KeyId)
+
+
 class KmsClient:
     """``GenerateDataKey`` / ``Decrypt`` with a Recipient.
 
@@ -194,8 +201,8 @@ class KmsClient:
         attestation_document: bytes,
         key_id: str | None = None,
         encryption_context: Mapping[str, str] | None = None,
-    ) -> bytes:
-        """The ``CiphertextForRecipient`` envelope of the plaintext."""
+    ) -> Decrypted:
+        """The ``CiphertextForRecipient`` envelope of the plaintext, and the key KMS used."""
         body: dict[str, Any] = {
             "CiphertextBlob": base64.b64encode(ciphertext_blob).decode(),
             "Recipient": _recipient(attestation_document),
@@ -207,7 +214,7 @@ class KmsClient:
         reply = await self.call("Decrypt", body)
         if reply.get("Plaintext") is not None:
             raise KmsError("MalformedResponse", "Decrypt returned a plaintext despite Recipient")
-        return _b64(reply, "CiphertextForRecipient")
+        return Decrypted(_b64(reply, "CiphertextForRecipient"), _str(reply, "KeyId"))
 
     async def call(self, action: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST one signed ``TrentService.<action>`` request and return the JSON reply."""

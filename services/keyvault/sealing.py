@@ -17,6 +17,11 @@ the public key (SPKI DER) in its ``public_key`` field; call ``GenerateDataKey`` 
 ``CiphertextForRecipient`` (CMS) with the private key; encrypt the store under the data key.
 Unsealing: the same, with ``Decrypt`` of the stored KMS blob. The RSA key lives for one call.
 
+Key identity: the enclave talks to exactly one KMS key, named by its full ARN at build time (an
+alias or bare key id would be resolved by KMS in the account of the credentials, which the parent
+supplies). Every KMS reply names the key it used (``KeyId``); a reply for any other key is refused
+before anything is sealed or unsealed (:class:`KeyIdentityError`).
+
 The KMS encryption context ``{"vrpc:service": "keyvault.v1", "vrpc:sealed-format": "1"}`` binds
 the data key to this use; key policies can require it. A blob is only as private as the KMS key
 policy is strict: that policy must demand the enclave's measurements
@@ -26,7 +31,9 @@ policy is strict: that policy must demand the enclave's measurements
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import re
 import struct
 from typing import Protocol
 
@@ -47,6 +54,8 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "Attester",
+    "KeyArn",
+    "KeyIdentityError",
     "KmsSealer",
     "SealedBlob",
     "SealedFormatError",
@@ -63,6 +72,39 @@ _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _MAX_KMS_BLOB = 6144  # KMS ciphertext blobs are well under this
 _RSA_BITS = 2048
+
+
+# arn:PARTITION:kms:REGION:ACCOUNT:key/KEY-ID, KEY-ID a UUID or a multi-Region key id.
+_KEY_ARN = re.compile(
+    r"arn:(?P<partition>aws|aws-cn|aws-us-gov):kms:(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]):"
+    r"(?P<account>[0-9]{12}):key/(?P<key>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+    r"[0-9a-f]{12}|mrk-[0-9a-f]{32})"
+)
+
+
+class KeyIdentityError(VrpcError):
+    """The configured key is not a full key ARN, or KMS answered for a different key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyArn:
+    """A full KMS key ARN: the only key identity the enclave accepts."""
+
+    arn: str
+    partition: str
+    region: str
+    account: str
+
+    @classmethod
+    def parse(cls, value: str) -> KeyArn:
+        match = _KEY_ARN.fullmatch(value)
+        if match is None:
+            raise KeyIdentityError(
+                f"KMS key must be a full key ARN (arn:aws:kms:REGION:ACCOUNT:key/UUID), got "
+                f"{value[:120]!r}: an alias or key id is resolved in the account of the "
+                "credentials, which the parent instance supplies"
+            )
+        return cls(value, match["partition"], match["region"], match["account"])
 
 
 class SealedFormatError(VrpcError):
@@ -128,16 +170,30 @@ class SealedBlob:
 class KmsSealer:
     """Seal and unseal through KMS with an attested Recipient (see the module docstring)."""
 
-    def __init__(self, kms: KmsClient, key_id: str, attester: Attester) -> None:
+    def __init__(self, kms: KmsClient, key_arn: str, attester: Attester) -> None:
         self._kms = kms
-        self._key_id = key_id
+        self._key = KeyArn.parse(key_arn)
+        self._key_id = self._key.arn
         self._attester = attester
+
+    @property
+    def key_arn(self) -> str:
+        return self._key_id
+
+    def _check_key(self, answered: str) -> None:
+        # Exact comparison: KMS names keys by ARN in replies, and only the pinned key is ours.
+        if answered != self._key_id:
+            raise KeyIdentityError(
+                f"KMS answered for key {answered[:120]!r}, but this enclave is pinned to "
+                f"{self._key_id!r}; nothing was sealed or unsealed"
+            )
 
     async def seal(self, plaintext: bytes) -> bytes:
         private_key, document = await self._recipient()
         data_key = await self._kms.generate_data_key(
             self._key_id, attestation_document=document, encryption_context=ENCRYPTION_CONTEXT
         )
+        self._check_key(data_key.key_id)
         key = await asyncio.to_thread(open_envelope, data_key.ciphertext_for_recipient, private_key)
         _check_data_key(key)
         log.info("key store sealed", kms_key=data_key.key_id, bytes=len(plaintext))
@@ -146,13 +202,14 @@ class KmsSealer:
     async def unseal(self, blob: bytes) -> bytes:
         parsed = SealedBlob.parse(blob)
         private_key, document = await self._recipient()
-        envelope = await self._kms.decrypt(
+        answer = await self._kms.decrypt(
             parsed.kms_blob,
             attestation_document=document,
             key_id=self._key_id,
             encryption_context=ENCRYPTION_CONTEXT,
         )
-        key = await asyncio.to_thread(open_envelope, envelope, private_key)
+        self._check_key(answer.key_id)
+        key = await asyncio.to_thread(open_envelope, answer.ciphertext_for_recipient, private_key)
         _check_data_key(key)
         plaintext = parsed.decrypt(key)
         log.info("key store unsealed", bytes=len(plaintext))

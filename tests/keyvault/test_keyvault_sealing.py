@@ -13,7 +13,13 @@ from keyvault_helpers import kms_client
 from services.keyvault import KeyType
 from services.keyvault.impl import KeyVaultImpl, sealer_from_env
 from services.keyvault.kms import KmsClient, KmsError
-from services.keyvault.sealing import ENCRYPTION_CONTEXT, MAGIC, KmsSealer, SealedBlob
+from services.keyvault.sealing import (
+    ENCRYPTION_CONTEXT,
+    MAGIC,
+    KeyIdentityError,
+    KmsSealer,
+    SealedBlob,
+)
 from services.keyvault.store import dump_keys, generate, load_keys
 from services.keyvault.testing import KmsRequestError, LocalKms
 from vrpc.exceptions import RpcError
@@ -26,7 +32,7 @@ def make_vault(kms: LocalKms, attester: Any, key_id: str) -> KeyVaultImpl:
 
 async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester: Any) -> None:
     key_arn = local_kms.create_key(alias="vault")
-    before = make_vault(local_kms, test_attester, "alias/vault")
+    before = make_vault(local_kms, test_attester, key_arn)
     ed = await before.create_key(KeyType.ED25519, "ed")
     ecdsa = await before.create_key(KeyType.ECDSA_P256)
     aes = await before.create_key(KeyType.AES_256_GCM, "data")
@@ -38,7 +44,7 @@ async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester:
     assert b"kept secret" not in sealed and b"data" not in sealed
     del before  # the enclave restarts: a new instance with an empty store
 
-    after = make_vault(local_kms, test_attester, "alias/vault")
+    after = make_vault(local_kms, test_attester, key_arn)
     assert await after.list_keys() == []
     restored = await after.unseal(sealed)
     assert [k.key_id for k in restored] == [ed.key_id, ecdsa.key_id, aes.key_id]
@@ -65,8 +71,8 @@ async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester:
 
 
 async def test_unseal_is_idempotent_and_merges(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+    arn = local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, arn)
     first = await vault.create_key(KeyType.ED25519)
     sealed = await vault.seal()
     second = await vault.create_key(KeyType.AES_256_GCM)
@@ -75,11 +81,11 @@ async def test_unseal_is_idempotent_and_merges(local_kms: LocalKms, test_atteste
 
 
 async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+    arn = local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, arn)
     await vault.create_key(KeyType.ED25519)
     sealed = await vault.seal()
-    fresh = make_vault(local_kms, test_attester, "alias/vault")
+    fresh = make_vault(local_kms, test_attester, arn)
     # The AES-GCM body: KMS answers, the enclave's AEAD check refuses.
     body_flip = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(RpcError) as info:
@@ -106,8 +112,8 @@ async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any)
 
 
 async def test_kms_refusals_map_to_statuses(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+    arn = local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, arn)
     local_kms.refuse_next = KmsRequestError("AccessDeniedException", "key policy says no")
     with pytest.raises(RpcError) as info:
         await vault.seal()
@@ -117,7 +123,7 @@ async def test_kms_refusals_map_to_statuses(local_kms: LocalKms, test_attester: 
     with pytest.raises(RpcError) as info:
         await vault.seal()
     assert info.value.status is Status.UNAVAILABLE
-    missing = make_vault(local_kms, test_attester, "alias/missing")
+    missing = make_vault(local_kms, test_attester, arn.replace(arn[-12:], "0" * 12))
     with pytest.raises(RpcError) as info:
         await missing.seal()
     assert info.value.status is Status.FAILED_PRECONDITION
@@ -131,8 +137,8 @@ async def test_unattested_recipient_is_refused(local_kms: LocalKms, test_atteste
         def attest(self, *, public_key: bytes | None = None, **_: Any) -> bytes:
             return b"not an attestation document" + (public_key or b"")
 
-    local_kms.create_key(alias="vault")
-    vault = KeyVaultImpl(sealer=KmsSealer(kms_client(local_kms), "alias/vault", Forger()))
+    arn = local_kms.create_key(alias="vault")
+    vault = KeyVaultImpl(sealer=KmsSealer(kms_client(local_kms), arn, Forger()))
     with pytest.raises(RpcError) as info:
         await vault.seal()
     assert info.value.details["kms_code"] == "ValidationException"
@@ -146,8 +152,8 @@ async def test_debug_enclave_is_refused_by_strict_kms(test_attester: Any, tmp_pa
     debug = InsecureTestAttester(seed=b"keyvault-tests", debug=True, nsm_path=str(tmp_path / "n"))
     strict = Verifier(test_attester.policy(), test_attester.trust_root())
     async with LocalKms(recipient_check=attested_public_key(strict)) as kms:
-        kms.create_key(alias="vault")
-        vault = KeyVaultImpl(sealer=KmsSealer(kms_client(kms), "alias/vault", debug))
+        arn = kms.create_key(alias="vault")
+        vault = KeyVaultImpl(sealer=KmsSealer(kms_client(kms), arn, debug))
         with pytest.raises(RpcError) as info:
             await vault.seal()
     assert "PolicyViolation" in info.value.message
@@ -159,8 +165,8 @@ async def test_kms_answer_with_plaintext_is_refused(
     # Something answering with the plaintext data key is not KMS honouring the Recipient.
     original = local_kms._generate_data_key
 
-    def leaky(request: Any, recipient: Any) -> dict[str, Any]:
-        reply = original(request, recipient)
+    def leaky(request: Any, recipient: Any, who: Any) -> dict[str, Any]:
+        reply = original(request, recipient, who)
         reply["Plaintext"] = "AAAA"
         return reply
 
@@ -220,7 +226,54 @@ def test_blob_layout() -> None:
     assert SealedBlob.parse(blob).decrypt(bytes(32)) == b"payload"
 
 
+ARN = "arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
 def test_sealer_from_env() -> None:
     assert sealer_from_env(object(), {}) is None
-    sealer = sealer_from_env(object(), {"VRPC_KMS_KEY_ID": "alias/x", "AWS_REGION": "eu-west-3"})
-    assert isinstance(sealer, KmsSealer)
+    sealer = sealer_from_env(object(), {"VRPC_KMS_KEY_ID": ARN})
+    assert isinstance(sealer, KmsSealer) and sealer.key_arn == ARN
+    mrk = "arn:aws:kms:us-east-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab"
+    assert isinstance(sealer_from_env(object(), {"VRPC_KMS_KEY_ID": mrk}), KmsSealer)
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        "alias/vrpc-keyvault",
+        "1234abcd-12ab-34cd-56ef-1234567890ab",
+        "arn:aws:kms:eu-west-3:111122223333:alias/vrpc-keyvault",
+        ARN + " ",
+        ARN.upper(),
+        ARN.replace("111122223333", "1111"),
+    ],
+)
+def test_only_a_full_key_arn_is_accepted_at_start(key_id: str) -> None:
+    with pytest.raises(KeyIdentityError, match="full key ARN"):
+        sealer_from_env(object(), {"VRPC_KMS_KEY_ID": key_id})
+
+
+def test_region_must_agree_with_the_arn() -> None:
+    env = {"VRPC_KMS_KEY_ID": ARN, "VRPC_KMS_REGION": "us-east-1"}
+    with pytest.raises(KeyIdentityError, match="eu-west-3"):
+        sealer_from_env(object(), env)
+
+
+@pytest.mark.parametrize("action", ["GenerateDataKey", "Decrypt"])
+async def test_reply_for_another_key_is_refused(
+    local_kms: LocalKms, test_attester: Any, action: str
+) -> None:
+    # Defence in depth: whatever answers, a reply naming another key seals/unseals nothing.
+    arn = local_kms.create_key()
+    other = local_kms.create_key()
+    vault = make_vault(local_kms, test_attester, arn)
+    await vault.create_key(KeyType.ED25519)
+    sealed = await vault.seal() if action == "Decrypt" else b""
+    local_kms.answer_key_id = other
+    target = make_vault(local_kms, test_attester, arn)
+    with pytest.raises(RpcError) as info:
+        await (target.unseal(sealed) if action == "Decrypt" else target.seal())
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert f"KMS answered for key {other!r}" in info.value.message
+    assert f"pinned to {arn!r}" in info.value.message
+    assert await target.list_keys() == []

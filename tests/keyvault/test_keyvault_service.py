@@ -207,5 +207,6 @@ def test_create_server_builds_a_vrpc_server(
 
     monkeypatch.delenv("VRPC_KMS_KEY_ID", raising=False)
     assert isinstance(create_server(attester=test_attester), Server)
-    monkeypatch.setenv("VRPC_KMS_KEY_ID", "alias/vault")
+    arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    monkeypatch.setenv("VRPC_KMS_KEY_ID", arn)
     assert isinstance(create_server(attester=test_attester), Server)
