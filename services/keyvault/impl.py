@@ -68,6 +68,11 @@ class KeyVaultImpl(KeyVault):
         self._max_keys = max_keys
         # seal/unseal await KMS; serialise them so an unseal cannot interleave with a seal.
         self._seal_lock = asyncio.Lock()
+        # The highest store generation seen (own seals, the unsealed store): never go below it.
+        self._generation = 0
+        # Set by the first create_key, seal or unseal: from then on unseal would merge or
+        # replace a live store, which is how deleted keys come back. Only a fresh enclave unseals.
+        self._started = False
 
     async def create_key(self, key_type: KeyType, label: str | None = None) -> KeyInfo:
         kind = _key_type(key_type)
@@ -86,6 +91,7 @@ class KeyVaultImpl(KeyVault):
                 max_keys=self._max_keys,
             )
         key = store.generate(kind, label, int(time.time() * 1000))
+        self._started = True
         self._keys[key.info.key_id] = key
         log.info("key created", key_id=key.info.key_id, key_type=kind.value)
         return key.info
@@ -155,17 +161,45 @@ class KeyVaultImpl(KeyVault):
         sealer = self._require_sealer()
         async with self._seal_lock:
             payload = store.dump_keys(self._keys.values())
+            generation = self._generation + 1
             try:
-                return await sealer.seal(payload)
+                sealed = await sealer.seal(payload, generation)
             except (KmsError, EnvelopeError, SealedFormatError, KeyIdentityError) as exc:
                 _sealing_failed("seal", exc)
+            self._generation = generation
+            self._started = True
+            log.info("key store sealed", generation=generation, keys=len(self._keys))
+            return sealed
 
-    async def unseal(self, sealed: bytes) -> list[KeyInfo]:
+    async def unseal(self, sealed: bytes, min_generation: int = 0) -> list[KeyInfo]:
         sealer = self._require_sealer()
         _check_size("sealed", sealed, limit=MAX_SEALED_BYTES)
+        if not isinstance(min_generation, int) or min_generation < 0:
+            _fail(Status.INVALID_ARGUMENT, "min_generation must be >= 0", param="min_generation")
         async with self._seal_lock:
+            if self._started:
+                _fail(
+                    Status.FAILED_PRECONDITION,
+                    "unseal is only allowed at start, before any key is created, sealed or "
+                    "unsealed: restart the enclave to load a sealed store",
+                    param="sealed",
+                )
             try:
-                payload = await sealer.unseal(sealed)
+                generation = sealer.generation(sealed)
+            except SealedFormatError as exc:
+                _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
+            floor = max(min_generation, self._generation)
+            if generation < floor:
+                _fail(
+                    Status.FAILED_PRECONDITION,
+                    f"sealed store is generation {generation}, older than generation {floor} "
+                    "already seen: refusing to roll the key store back",
+                    param="sealed",
+                    generation=generation,
+                    min_generation=floor,
+                )
+            try:
+                generation, payload = await sealer.unseal(sealed)
                 keys = store.load_keys(payload)
             except SealedFormatError as exc:
                 _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
@@ -173,26 +207,18 @@ class KeyVaultImpl(KeyVault):
                 _fail(Status.DATA_LOSS, f"sealed key store is corrupt: {exc}", param="sealed")
             except (KmsError, EnvelopeError, KeyIdentityError) as exc:
                 _sealing_failed("unseal", exc)
-            new = [k for k in keys if k.info.key_id not in self._keys]
-            for key in keys:
-                present = self._keys.get(key.info.key_id)
-                if present is not None and not present.same_material(key):
-                    _fail(
-                        Status.ALREADY_EXISTS,
-                        f"key {key.info.key_id} exists with different material; nothing loaded",
-                        param="sealed",
-                        key_id=key.info.key_id,
-                    )
-            if len(self._keys) + len(new) > self._max_keys:
+            if len(keys) > self._max_keys:
                 _fail(
                     Status.RESOURCE_EXHAUSTED,
-                    f"unsealing would exceed {self._max_keys} keys; nothing loaded",
+                    f"the sealed store holds {len(keys)} keys, more than {self._max_keys}; "
+                    "nothing loaded",
                     param="sealed",
                     max_keys=self._max_keys,
                 )
-            for key in new:
-                self._keys[key.info.key_id] = key
-            log.info("keys unsealed", total=len(keys), added=len(new))
+            self._keys = {key.info.key_id: key for key in keys}
+            self._generation = generation
+            self._started = True
+            log.info("keys unsealed", generation=generation, total=len(keys))
             return [k.info for k in keys]
 
     # -- helpers ---------------------------------------------------------------------------
