@@ -31,6 +31,8 @@ def test_demo_runs_every_step(capsys: pytest.CaptureFixture[str]) -> None:
         "enclave server listening",
         "wrong PCR0 policy refused",
         "attested handshake",
+        "unauthenticated caller refused",
+        "signer may not administer",
         "create ed25519 key, sign, verify",
         "encrypt, decrypt (AES-256-GCM, AD)",
         "seal key store through KMS",
@@ -40,6 +42,7 @@ def test_demo_runs_every_step(capsys: pytest.CaptureFixture[str]) -> None:
     checked = [line for line in out.splitlines() if line.startswith("  \u2713 ")]
     assert [any(step in line for line in checked) for step in steps] == [True] * len(steps)
     assert "wrong AD -> " in out
+    assert "seal -> UNAUTHENTICATED" in out and "delete_key -> PERMISSION_DENIED" in out
     assert "demo finished: every step above was checked." in out
 
 

@@ -9,11 +9,19 @@ vsock://ANY:5000``. Configuration comes from the environment (set in the enclave
 ``VRPC_KMS_ENDPOINT``      default ``https://kms.REGION.amazonaws.com``
 ``VRPC_KMS_PROXY_PORT``    parent's vsock-proxy port for KMS (default 8000)
 ``VRPC_CREDENTIALS_PORT``  parent's credentials port (default 8002)
+``VRPC_KEYVAULT_CALLERS``  path of the trusted callers file (``vrpc.auth.load_callers``
+                           format); required: without it the server refuses to start
+
+Callers (``vrpc.auth``): every call is signed by a caller key listed in the image. Roles:
+``admin`` may ``create_key``, ``delete_key``, ``seal`` and ``unseal``; ``signer:KEY_ID`` (or
+``signer:*`` for every key) may ``sign``, ``encrypt`` and ``decrypt`` with that key; any listed
+caller may ``list_keys``, ``public_key`` and ``verify`` (public information).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -43,13 +51,22 @@ from services.keyvault.sealing import (
     SealedFormatError,
     Sealer,
 )
+from vrpc.auth import ANY_CALLER, CallerAuthenticator, TrustedCaller, current_caller, load_callers
 from vrpc.exceptions import RpcError
 from vrpc.status import Status
 
 if TYPE_CHECKING:
     from vrpc.server import Server
 
-__all__ = ["KeyVaultImpl", "create_server", "sealer_from_env"]
+__all__ = [
+    "ADMIN",
+    "METHOD_ROLES",
+    "KeyVaultImpl",
+    "authenticator",
+    "callers_from_env",
+    "create_server",
+    "sealer_from_env",
+]
 
 log = structlog.get_logger("vrpc.keyvault")
 
@@ -58,11 +75,39 @@ _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _MAX_KEY_ID_CHARS = 64
 
+ADMIN = "admin"
+_ADMIN_ONLY = {ADMIN}
+_ANY = {ANY_CALLER}
+#: Roles per method (``vrpc.auth.CallerAuthenticator``); key use is further checked per key.
+METHOD_ROLES = {
+    f"{KeyVault.service_name}.{method}": roles
+    for method, roles in {
+        "create_key": _ADMIN_ONLY,
+        "delete_key": _ADMIN_ONLY,
+        "seal": _ADMIN_ONLY,
+        "unseal": _ADMIN_ONLY,
+        "list_keys": _ANY,
+        "public_key": _ANY,
+        "verify": _ANY,
+        "sign": _ANY,
+        "encrypt": _ANY,
+        "decrypt": _ANY,
+    }.items()
+}
+
 
 class KeyVaultImpl(KeyVault):
-    """Keys in enclave memory. ``sealer`` (usually a ``KmsSealer``) enables seal/unseal."""
+    """Keys in enclave memory. ``sealer`` (usually a ``KmsSealer``) enables seal/unseal.
 
-    def __init__(self, *, sealer: Sealer | None = None, max_keys: int = MAX_KEYS) -> None:
+    With ``check_key_use`` every ``sign``, ``encrypt`` and ``decrypt`` needs an authenticated
+    caller (``vrpc.auth.current_caller``) holding ``signer:KEY_ID`` or ``signer:*``;
+    ``create_server`` always sets it. Without it (in-process use) there is no caller to check.
+    """
+
+    def __init__(
+        self, *, sealer: Sealer | None = None, max_keys: int = MAX_KEYS, check_key_use: bool = False
+    ) -> None:
+        self._check_key_use = check_key_use
         self._keys: dict[str, store.Key] = {}
         self._sealer = sealer
         self._max_keys = max_keys
@@ -109,6 +154,7 @@ class KeyVaultImpl(KeyVault):
 
     async def sign(self, key_id: str, message: bytes) -> bytes:
         key = self._signing_key(key_id, "sign")
+        self._authorize_use(key_id, "sign")
         _check_size("message", message)
         if key.info.key_type is KeyType.ED25519:
             return key.ed25519().sign(message)
@@ -130,6 +176,7 @@ class KeyVaultImpl(KeyVault):
 
     async def encrypt(self, key_id: str, plaintext: bytes, associated_data: bytes = b"") -> bytes:
         key = self._aead_key(key_id, "encrypt")
+        self._authorize_use(key_id, "encrypt")
         _check_size("plaintext", plaintext)
         _check_size("associated_data", associated_data)
         nonce = os.urandom(_NONCE_BYTES)
@@ -138,6 +185,7 @@ class KeyVaultImpl(KeyVault):
 
     async def decrypt(self, key_id: str, ciphertext: bytes, associated_data: bytes = b"") -> bytes:
         key = self._aead_key(key_id, "decrypt")
+        self._authorize_use(key_id, "decrypt")
         _check_size("ciphertext", ciphertext, limit=MAX_MESSAGE_BYTES + 1 + _NONCE_BYTES + 16)
         _check_size("associated_data", associated_data)
         if len(ciphertext) < 1 + _NONCE_BYTES + _TAG_BYTES or ciphertext[0] != _CIPHERTEXT_VERSION:
@@ -222,6 +270,21 @@ class KeyVaultImpl(KeyVault):
             return [k.info for k in keys]
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _authorize_use(self, key_id: str, operation: str) -> None:
+        if not self._check_key_use:
+            return
+        caller = current_caller()
+        if caller is None:
+            # Fail closed: a server built without the authenticator has no caller to check.
+            _fail(Status.UNAUTHENTICATED, f"{operation} needs an authenticated caller", param=None)
+        if f"signer:{key_id}" not in caller.roles and "signer:*" not in caller.roles:
+            _fail(
+                Status.PERMISSION_DENIED,
+                f"caller {caller.key_id!r} may not {operation} with key {key_id} "
+                f"(needs role signer:{key_id})",
+                param="key_id",
+            )
 
     def _get(self, key_id: str) -> store.Key:
         key = self._keys.get(key_id) if len(key_id) <= _MAX_KEY_ID_CHARS else None
@@ -342,16 +405,51 @@ def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -
     return KmsSealer(client, key_id, attester)
 
 
-def create_server(*, attester: Attester | None = None) -> Server:
-    """The enclave's server: ``vrpc.Server([KeyVaultImpl(...)], attester=NsmAttester())``.
+def callers_from_env(environ: dict[str, str] | None = None) -> list[TrustedCaller]:
+    """The trusted callers from the file named by ``VRPC_KEYVAULT_CALLERS``.
+
+    Raises ``ValueError`` when it is unset, unreadable, malformed or lists nobody: a keyvault
+    that cannot tell its callers apart would obey whoever reaches it, the parent included.
+    """
+    env = dict(os.environ) if environ is None else environ
+    path = env.get("VRPC_KEYVAULT_CALLERS")
+    if not path:
+        raise ValueError(
+            "VRPC_KEYVAULT_CALLERS is not set: the keyvault refuses to start without its "
+            "trusted callers (docs/deployment.md)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the trusted callers file {path}: {exc}") from None
+    callers = load_callers(data)
+    if not callers:
+        raise ValueError(f"the trusted callers file {path} lists no caller")
+    return callers
+
+
+def authenticator(callers: list[TrustedCaller]) -> CallerAuthenticator:
+    """The keyvault's caller check: ``METHOD_ROLES`` for these callers."""
+    return CallerAuthenticator(callers, method_roles=METHOD_ROLES)
+
+
+def create_server(
+    *, attester: Attester | None = None, callers: list[TrustedCaller] | None = None
+) -> Server:
+    """The enclave's server: keyvault behind caller authentication, with the NSM attester.
 
     ``attester`` replaces the NSM attester (``vrpc serve --insecure-test-attester`` passes the
-    test attester on machines without Nitro).
+    test attester on machines without Nitro); ``callers`` replaces ``callers_from_env()``.
     """
     # Imported here: the server and the NSM driver are enclave-side, and importing this module
     # (tests, tooling, hosts reading the implementation) must need neither.
     from vrpc.attestation import NsmAttester
     from vrpc.server import Server
 
+    trusted = callers_from_env() if callers is None else callers
+    if not trusted:
+        raise ValueError("the keyvault needs at least one trusted caller")
     chosen: Attester = NsmAttester() if attester is None else attester
-    return Server([KeyVaultImpl(sealer=sealer_from_env(chosen))], attester=chosen)
+    vault = KeyVaultImpl(sealer=sealer_from_env(chosen), check_key_use=True)
+    return Server([vault], attester=chosen, interceptors=[authenticator(trusted)])
