@@ -435,12 +435,16 @@ def authenticator(callers: list[TrustedCaller]) -> CallerAuthenticator:
 
 
 def create_server(
-    *, attester: Attester | None = None, callers: list[TrustedCaller] | None = None
+    *,
+    attester: Attester | None = None,
+    callers: list[TrustedCaller] | None = None,
+    sealer: Sealer | None = None,
 ) -> Server:
     """The enclave's server: keyvault behind caller authentication, with the NSM attester.
 
     ``attester`` replaces the NSM attester (``vrpc serve --insecure-test-attester`` passes the
-    test attester on machines without Nitro); ``callers`` replaces ``callers_from_env()``.
+    test attester on machines without Nitro); ``callers`` replaces ``callers_from_env()``;
+    ``sealer`` replaces ``sealer_from_env()`` (tests, a KMS reached another way).
     """
     # Imported here: the server and the NSM driver are enclave-side, and importing this module
     # (tests, tooling, hosts reading the implementation) must need neither.
@@ -451,5 +455,6 @@ def create_server(
     if not trusted:
         raise ValueError("the keyvault needs at least one trusted caller")
     chosen: Attester = NsmAttester() if attester is None else attester
-    vault = KeyVaultImpl(sealer=sealer_from_env(chosen), check_key_use=True)
+    chosen_sealer = sealer_from_env(chosen) if sealer is None else sealer
+    vault = KeyVaultImpl(sealer=chosen_sealer, check_key_use=True)
     return Server([vault], attester=chosen, interceptors=[authenticator(trusted)])
