@@ -133,6 +133,14 @@ def test_lock_covers_the_dependency_closure_at_the_installed_versions() -> None:
         assert locked[name][0] == installed, f"{name}: lock {locked[name][0]}, venv {installed}"
 
 
+def test_lock_holds_nothing_the_enclave_does_not_need() -> None:
+    # Every package in the image is code the enclave trusts: test-only libraries (pycose and
+    # what it pulls in) stay out.
+    extra = lock_entries().keys() - closure(runtime_requirements())
+    assert extra == set(), f"not needed in the enclave: {sorted(extra)}"
+    assert "pycose" not in lock_entries()
+
+
 def test_hadolint_if_available() -> None:
     hadolint = shutil.which("hadolint") or str(Path(ROOT / ".venv/bin/hadolint"))
     if not Path(hadolint).exists():
