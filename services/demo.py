@@ -82,7 +82,10 @@ async def _run(listen: str, connect: str) -> None:
 
         def enclave() -> vrpc.Server:
             kms_client = KmsClient(
-                endpoint=kms.endpoint, region=kms.region, credentials=StaticCredentials(creds)
+                endpoint=kms.endpoint,
+                region=kms.region,
+                credentials=StaticCredentials(creds),
+                allow_insecure_http=True,  # the local KMS on loopback; production is https only
             )
             sealer = KmsSealer(kms_client, kms_key, attester)
             vault = KeyVaultImpl(sealer=sealer, check_key_use=True)

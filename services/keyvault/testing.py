@@ -45,6 +45,7 @@ import hmac
 import json
 import os
 import re
+import ssl
 import struct
 import uuid
 from collections.abc import Callable, Mapping
@@ -363,7 +364,9 @@ class LocalKms:
         region: str = "eu-west-1",
         account: str = "111122223333",
         clock: Callable[[], dt.datetime] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl = ssl_context
         self.recipient_check = recipient_check
         self.region = region
         self.account = account
@@ -388,7 +391,9 @@ class LocalKms:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The URL on loopback (https when given a TLS context; the certificate decides which
+        host name a client must expect, so TLS clients usually name that host and route here)."""
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def access_key_id(self) -> str:
@@ -446,7 +451,7 @@ class LocalKms:
         self._keys[arn].policy = check_key_policy(dict(policy))
 
     async def __aenter__(self) -> LocalKms:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -469,7 +474,7 @@ class LocalKms:
                 + body
             )
             await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, KmsError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, KmsError, ssl.SSLError):
             pass
         finally:
             writer.close()

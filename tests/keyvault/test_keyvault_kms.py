@@ -187,20 +187,63 @@ async def test_silent_server_times_out() -> None:
             region="eu-west-1",
             credentials=StaticCredentials(AwsCredentials("AKIA", "s")),
             timeout=0.2,
+            allow_insecure_http=True,
         )
         with pytest.raises(KmsError, match="timed out"):
             await client.call("Decrypt", {})
 
 
-def test_endpoint_must_be_http() -> None:
+def test_endpoint_must_be_https() -> None:
     from services.keyvault.kms import AwsCredentials, StaticCredentials
 
-    with pytest.raises(ValueError, match="http"):
-        KmsClient(
-            endpoint="kms.eu-west-1.amazonaws.com",
-            region="eu-west-1",
-            credentials=StaticCredentials(AwsCredentials("a", "b")),
-        )
+    for endpoint in ("kms.eu-west-1.amazonaws.com", "http://kms.eu-west-1.amazonaws.com"):
+        with pytest.raises(ValueError, match="https"):
+            KmsClient(
+                endpoint=endpoint,
+                region="eu-west-1",
+                credentials=StaticCredentials(AwsCredentials("a", "b")),
+            )
+    env = {
+        "VRPC_KMS_KEY_ID": "arn:aws:kms:eu-west-1:111122223333:key/"
+        + "1" * 8
+        + "-1111" * 3
+        + "-"
+        + "1" * 12,
+        "VRPC_KMS_ENDPOINT": "http://kms.eu-west-1.amazonaws.com",
+    }
+    from services.keyvault.impl import sealer_from_env
+
+    with pytest.raises(ValueError, match="must be https"):
+        sealer_from_env(object(), env)  # the enclave refuses to start
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("session_token", "tok\r\nX-Amz-Target: TrentService.Encrypt", "session token"),
+        ("session_token", "t\u00f6ken", "session token"),  # not latin-1 safe: no UnicodeEncodeError
+        ("session_token", "", "session token"),
+        ("access_key_id", "AKIA\nX", "access key id"),
+        ("access_key_id", "AKIA KEY", "access key id"),
+        ("secret_access_key", "", "secret access key"),
+    ],
+)
+async def test_parent_credentials_cannot_inject_headers(
+    field: str, value: str, message: str
+) -> None:
+    import dataclasses
+
+    from services.keyvault.kms import AwsCredentials, StaticCredentials
+
+    async with LocalKms(recipient_check=plain_recipient) as kms:
+        good = AwsCredentials(kms.access_key_id, kms.secret_access_key, "tok")
+        bad = dataclasses.replace(good, **{field: value})
+        with pytest.raises(KmsError) as info:
+            await kms_client(kms, credentials=StaticCredentials(bad)).call("Decrypt", {})
+        assert info.value.code == "InvalidCredentials" and message in info.value.message
+        assert not info.value.retryable
+        assert value not in str(info.value) or not value
+        assert kms.calls == []  # nothing was sent
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:
