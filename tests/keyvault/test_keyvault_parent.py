@@ -1,5 +1,5 @@
 """The parent instance against keyvault: it cannot obtain plaintext, substitute a store, roll one
-back, or call administrative methods.
+back, call administrative methods, or split the KMS request through the credentials it serves.
 
 The parent relays every byte, supplies the enclave's AWS credentials, holds the instance role,
 runs enclaves of its own (other images, debug mode), owns an AWS account of its own, and reaches
@@ -348,3 +348,22 @@ async def test_parent_cannot_call_administrative_methods(world: World) -> None:
             assert "may not call keyvault.v1." in err.message and "needs role admin" in err.message
     async with world.admin() as admin:
         assert [k.key_id for k in await admin.stub(KeyVault).list_keys()] == [signing.key_id]
+
+
+@pytest.mark.parametrize(
+    "token", ["tok\r\nX-Amz-Target: TrentService.Encrypt", "t\u00f6ken", "tok\nHost: evil"]
+)
+async def test_parent_credentials_cannot_split_the_kms_request(world: World, token: str) -> None:
+    # The parent serves the credentials; a session token with CR/LF would split the request
+    # inside TLS, a non-latin-1 one used to end in an uncaught UnicodeEncodeError.
+    forged = dataclasses.replace(world.kms.principal, session_token=token)
+    await world.start_enclave(forged)
+    calls = len(world.kms.calls)
+    async with world.admin() as admin:
+        await admin.stub(KeyVault).create_key(KeyType.ED25519)
+        err = await rpc_refusal(admin.stub(KeyVault).seal())
+        assert err.status is Status.FAILED_PRECONDITION
+        assert err.details["kms_code"] == "InvalidCredentials"
+        assert "session token has characters AWS never issues" in err.message
+        assert token not in err.message
+    assert len(world.kms.calls) == calls  # nothing was sent to KMS
