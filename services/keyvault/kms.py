@@ -9,8 +9,10 @@ The enclave has no network interface. In production the TCP connection goes to a
 forward (``services.keyvault.forward``) that relays it over vsock to ``vsock-proxy`` on the
 parent, which relays it to ``kms.REGION.amazonaws.com:443``. TLS runs end to end between the
 enclave and KMS, so the parent sees ciphertext only; the request is signed with credentials the
-parent supplies (``services.keyvault.credentials``) — harmless, since the KMS key policy should
-require ``kms:RecipientAttestation:PCR0`` and friends, which only a genuine enclave satisfies.
+parent supplies (``services.keyvault.credentials``) — harmless under the key policy of
+``deploy/kms-key-policy.json``, which denies plaintext to any request without this build's
+``kms:RecipientAttestation:ImageSha384``. Those credentials are checked before they reach a
+header, and the endpoint must be https.
 
 Signing uses botocore's SigV4 implementation; the transport is written here because botocore's
 HTTP stack is blocking and far larger than two POST requests need.

@@ -26,10 +26,10 @@ alias or bare key id would be resolved by KMS in the account of the credentials,
 supplies). Every KMS reply names the key it used (``KeyId``); a reply for any other key is refused
 before anything is sealed or unsealed (:class:`KeyIdentityError`).
 
-The KMS encryption context ``{"vrpc:service": "keyvault.v1", "vrpc:sealed-format": "1"}`` binds
-the data key to this use; key policies can require it. A blob is only as private as the KMS key
-policy is strict: that policy must demand the enclave's measurements
-(``kms:RecipientAttestation:ImageSha384`` / ``PCR0``…), see docs/deployment.md.
+The KMS encryption context ``{"vrpc:service": "keyvault.v1", "vrpc:sealed-format": "2"}`` binds
+the data key to this use; the key policy requires ``vrpc:service``. A blob is only as private as
+the KMS key policy is strict: ``deploy/kms-key-policy.json`` demands this build's measurement
+(``kms:RecipientAttestation:ImageSha384``), see docs/deployment.md.
 """
 
 from __future__ import annotations
