@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vrpc demo $(if $(VSOCK),--vsock,)
+	$(PY) -m services.demo $(if $(VSOCK),--vsock,)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vrpc services tests benchmarks

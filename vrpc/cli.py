@@ -1,4 +1,4 @@
-"""The ``vrpc`` command line: serve, call, describe, attest, relay, bench, demo.
+"""The ``vrpc`` command line: serve, call, describe, attest, relay, bench.
 
 Errors print one line to stderr and exit non-zero (2 for usage, 1 for everything else).
 """
@@ -191,8 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench, run_async=False)
 
-    demo = commands.add_parser("demo", help="keyvault end to end on this machine (no Nitro)")
-    demo.add_argument("--vsock", action="store_true", help="inside the vsock lab VM")
+    # The demo is an application (services/), not part of the installed package: point there.
+    demo = commands.add_parser("demo", help="moved: python -m services.demo (source checkout)")
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
     demo.set_defaults(func=_demo, run_async=False)
 
     from vrpc.cli_attest import add_attest_parser
@@ -218,9 +219,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vrpc.demo import main as demo_main
-
-    return demo_main(vsock=args.vsock)
+    print("vrpc: the demo runs from a source checkout: python -m services.demo", file=sys.stderr)
+    return 2
 
 
 def _logs_to_stderr() -> None:

@@ -142,19 +142,56 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measurements(path: str) -> Any:
+    """The measurements object of ``build-enclave``/``describe-eif`` output, or of the one enclave
+    in ``describe-enclaves`` output (a JSON array)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise LocalProtocolError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise LocalProtocolError(f"{path} is not JSON") from None
+    if isinstance(obj, list):
+        if len(obj) != 1:
+            raise LocalProtocolError(
+                f"{path} lists {len(obj)} enclaves (describe-enclaves output); keep the one "
+                "entry to pin, or use `nitro-cli describe-eif` output"
+            )
+        obj = obj[0]
+    return obj
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     try:
-        policy = Policy.from_measurements(args.measurements)
-        if args.max_age is not None or args.module_id_prefix is not None:
-            policy = Policy(
-                pcrs=policy.pcrs,
-                max_age=policy.max_age if args.max_age is None else args.max_age,
-                module_id_prefix=args.module_id_prefix,
-            )
+        policy = Policy.from_measurements(_measurements(args.measurements))
+        pcrs = policy.pcrs
+        if args.only:
+            missing = [i for i in args.only if i not in pcrs]
+            if missing:
+                hint = " (the EIF is not signed)" if missing == [8] else ""
+                raise LocalProtocolError(f"the measurements have no PCR{missing[0]}{hint}")
+            pcrs = {i: pcrs[i] for i in args.only}
+        policy = Policy(
+            pcrs=pcrs,
+            max_age=policy.max_age if args.max_age is None else args.max_age,
+            module_id_prefix=args.module_id_prefix,
+        )
     except (AttestationError, LocalProtocolError) as exc:
         return _fail(args, str(exc), exc)
     print(policy.dump())
     return 0
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        indices = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected PCR indices like 8 or 0,1,2, got {text!r}"
+        ) from None
+    if any(not 0 <= i < 32 for i in indices):
+        raise argparse.ArgumentTypeError(f"PCR indices are 0..31, got {text!r}")
+    return indices
 
 
 def add_attest_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -191,9 +228,20 @@ def add_attest_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     inspect.set_defaults(func=cmd_inspect)
 
     policy = commands.add_parser(
-        "policy", help="policy JSON from `nitro-cli describe-eif` / build-enclave output"
+        "policy",
+        help="policy JSON from `nitro-cli describe-eif` / build-enclave / describe-enclaves output",
     )
-    policy.add_argument("measurements", help="JSON file with a 'Measurements' object")
+    policy.add_argument(
+        "measurements",
+        help="JSON file with a 'Measurements' object (or a one-enclave describe-enclaves array)",
+    )
+    policy.add_argument(
+        "--only",
+        type=_indices,
+        default=None,
+        metavar="N[,N...]",
+        help="pin only these PCRs (e.g. 8: any image signed with the same certificate)",
+    )
     policy.add_argument("--max-age", type=float, default=None, metavar="SECONDS")
     policy.add_argument("--module-id-prefix", default=None)
     policy.set_defaults(func=cmd_policy)

@@ -12,6 +12,7 @@ from services.keyvault.interface import (
     KeyInfo,
     KeyType,
     KeyVault,
+    sealed_generation,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "KeyInfo",
     "KeyType",
     "KeyVault",
+    "sealed_generation",
 ]

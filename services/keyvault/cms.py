@@ -3,13 +3,19 @@
 KMS encrypts the result of ``Decrypt`` / ``GenerateDataKey`` to the RSA public key found in the
 enclave's attestation document and wraps it as BER (indefinite lengths) ``ContentInfo`` with:
 
+* ``EnvelopedData`` version 2, no originator info, no unprotected attributes;
 * one ``KeyTransRecipientInfo`` (version 2, recipient identified by subject key identifier),
   key encryption RSAES-OAEP with SHA-256 and MGF1-SHA-256 (RFC 8017; empty label);
-* content encryption AES-256-CBC (16-byte IV in the algorithm parameters), PKCS#7 padding.
+* encrypted content of type ``data``, AES-256-CBC (16-byte IV in the algorithm parameters),
+  PKCS#7 padding.
 
 The parser accepts exactly that shape and nothing weaker (no PKCS#1 v1.5, no SHA-1 OAEP, no
-other ciphers): anything else raises :class:`EnvelopeError`. :func:`build_envelope` produces the
-same shape; it serves the local KMS-compatible test server.
+other ciphers): anything else raises :class:`EnvelopeError`. How KMS derives the subject key
+identifier is not documented, so its value is not compared with the enclave's key; the
+RSA-OAEP decryption is what binds the envelope to that key. Every decryption failure (RSA,
+content key length, padding) raises the same error with the same message, so nothing reaching
+a caller tells them apart. :func:`build_envelope` produces the same shape; it serves the local
+KMS-compatible test server.
 """
 
 from __future__ import annotations
@@ -26,8 +32,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from vrpc.exceptions import VrpcError
 
-__all__ = ["MAX_ENVELOPE_BYTES", "Envelope", "EnvelopeError", "build_envelope", "open_envelope"]
+__all__ = [
+    "DECRYPTION_FAILED",
+    "MAX_ENVELOPE_BYTES",
+    "Envelope",
+    "EnvelopeError",
+    "build_envelope",
+    "open_envelope",
+]
 
+DECRYPTION_FAILED = "the envelope does not decrypt with this enclave's key"
 #: KMS results are small (a plaintext is at most 4 KiB); refuse anything far larger unparsed.
 MAX_ENVELOPE_BYTES = 16 * 1024
 _AES_BLOCK = 16
@@ -61,17 +75,14 @@ class Envelope:
         """Decrypt with the enclave's RSA key; the plaintext KMS meant for this enclave."""
         try:
             content_key = private_key.decrypt(self.encrypted_key, _oaep())
-        except ValueError:
-            raise EnvelopeError("the encrypted key does not decrypt with this RSA key") from None
-        if len(content_key) != 32:
-            raise EnvelopeError(f"content key is {len(content_key)} bytes, expected 32")
-        decryptor = Cipher(algorithms.AES256(content_key), modes.CBC(self.iv)).decryptor()
-        padded = decryptor.update(self.ciphertext) + decryptor.finalize()
-        unpadder = padding.PKCS7(128).unpadder()
-        try:
+            if len(content_key) != 32:
+                raise ValueError("content key length")
+            decryptor = Cipher(algorithms.AES256(content_key), modes.CBC(self.iv)).decryptor()
+            padded = decryptor.update(self.ciphertext) + decryptor.finalize()
+            unpadder = padding.PKCS7(128).unpadder()
             return unpadder.update(padded) + unpadder.finalize()
         except ValueError:
-            raise EnvelopeError("content padding is invalid") from None
+            raise EnvelopeError(DECRYPTION_FAILED) from None
 
 
 def open_envelope(data: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
@@ -88,18 +99,30 @@ def _parse(data: bytes) -> Envelope:
     if info["content_type"].native != "enveloped_data":
         raise EnvelopeError(f"content type is {info['content_type'].native}, not enveloped_data")
     enveloped = info["content"]
+    if enveloped["version"].native != "v2":
+        raise EnvelopeError(f"EnvelopedData version is {enveloped['version'].native}, not v2")
+    if enveloped["originator_info"].native is not None:
+        raise EnvelopeError("EnvelopedData carries originator info")
+    if enveloped["unprotected_attrs"].native is not None:
+        raise EnvelopeError("EnvelopedData carries unprotected attributes")
     recipients = enveloped["recipient_infos"]
     if len(recipients) != 1:
         raise EnvelopeError(f"{len(recipients)} recipient infos, expected exactly 1")
     if recipients[0].name != "ktri":
         raise EnvelopeError(f"recipient info is {recipients[0].name}, expected ktri")
     ktri = recipients[0].chosen
+    if ktri["version"].native != "v2":
+        raise EnvelopeError(f"recipient info version is {ktri['version'].native}, not v2")
     rid = ktri["rid"]
     if rid.name != "subject_key_identifier":
         raise EnvelopeError("recipient is not identified by subject key identifier")
+    if not 0 < len(rid.native) <= 64:
+        raise EnvelopeError("subject key identifier is empty or longer than 64 bytes")
     _check_oaep(ktri["key_encryption_algorithm"])
     encrypted_key = ktri["encrypted_key"].native
     content = enveloped["encrypted_content_info"]
+    if content["content_type"].native != "data":
+        raise EnvelopeError(f"encrypted content type is {content['content_type'].native}, not data")
     algorithm = content["content_encryption_algorithm"]
     if algorithm["algorithm"].native != "aes256_cbc":
         raise EnvelopeError(f"content cipher is {algorithm['algorithm'].native}, not aes256_cbc")

@@ -9,9 +9,11 @@ role's temporary credentials. The protocol is one exchange per connection:
   (``Expiration`` in Unix seconds), then the parent closes.
 
 The parent is untrusted, and these credentials give it nothing it does not have already: the
-KMS key policy must require the enclave's attestation (``kms:RecipientAttestation:*``) so that a
-KMS answer is only useful inside the measured enclave. Run the parent side with
-``python -m services.keyvault.credentials --port 8002`` (listens on ``vsock://ANY:8002``).
+KMS key policy (``deploy/kms-key-policy.json``) requires the enclave's attestation
+(``kms:RecipientAttestation:ImageSha384``), so a KMS answer is only useful inside the measured
+enclave, and ``KmsClient`` refuses credentials whose characters AWS never issues. Run the
+parent side with ``python -m services.keyvault.credentials --port 8002`` (listens on
+``vsock://ANY:8002``).
 """
 
 from __future__ import annotations

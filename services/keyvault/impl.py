@@ -3,16 +3,25 @@
 Run in the enclave with ``vrpc serve services.keyvault.impl:create_server --listen
 vsock://ANY:5000``. Configuration comes from the environment (set in the enclave image):
 
-``VRPC_KMS_KEY_ID``        KMS key id/ARN/alias used for sealing; unset: seal/unseal refuse
-``VRPC_KMS_REGION``        region of that key (default ``AWS_REGION``, then ``us-east-1``)
+``VRPC_KMS_KEY_ID``        full ARN of the KMS key used for sealing (an alias or bare key id is
+                           refused at start); unset: seal/unseal refuse
+``VRPC_KMS_REGION``        must equal the ARN's region when set (the ARN's region is used)
 ``VRPC_KMS_ENDPOINT``      default ``https://kms.REGION.amazonaws.com``
 ``VRPC_KMS_PROXY_PORT``    parent's vsock-proxy port for KMS (default 8000)
 ``VRPC_CREDENTIALS_PORT``  parent's credentials port (default 8002)
+``VRPC_KEYVAULT_CALLERS``  path of the trusted callers file (``vrpc.auth.load_callers``
+                           format); required: without it the server refuses to start
+
+Callers (``vrpc.auth``): every call is signed by a caller key listed in the image. Roles:
+``admin`` may ``create_key``, ``delete_key``, ``seal`` and ``unseal``; ``signer:KEY_ID`` (or
+``signer:*`` for every key) may ``sign``, ``encrypt`` and ``decrypt`` with that key; any listed
+caller may ``list_keys``, ``public_key`` and ``verify`` (public information).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -35,14 +44,29 @@ from services.keyvault.interface import (
     KeyVault,
 )
 from services.keyvault.kms import KmsError
-from services.keyvault.sealing import Attester, SealedFormatError, Sealer
+from services.keyvault.sealing import (
+    Attester,
+    KeyArn,
+    KeyIdentityError,
+    SealedFormatError,
+    Sealer,
+)
+from vrpc.auth import ANY_CALLER, CallerAuthenticator, TrustedCaller, current_caller, load_callers
 from vrpc.exceptions import RpcError
 from vrpc.status import Status
 
 if TYPE_CHECKING:
     from vrpc.server import Server
 
-__all__ = ["KeyVaultImpl", "create_server", "sealer_from_env"]
+__all__ = [
+    "ADMIN",
+    "METHOD_ROLES",
+    "KeyVaultImpl",
+    "authenticator",
+    "callers_from_env",
+    "create_server",
+    "sealer_from_env",
+]
 
 log = structlog.get_logger("vrpc.keyvault")
 
@@ -51,16 +75,49 @@ _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _MAX_KEY_ID_CHARS = 64
 
+ADMIN = "admin"
+_ADMIN_ONLY = {ADMIN}
+_ANY = {ANY_CALLER}
+#: Roles per method (``vrpc.auth.CallerAuthenticator``); key use is further checked per key.
+METHOD_ROLES = {
+    f"{KeyVault.service_name}.{method}": roles
+    for method, roles in {
+        "create_key": _ADMIN_ONLY,
+        "delete_key": _ADMIN_ONLY,
+        "seal": _ADMIN_ONLY,
+        "unseal": _ADMIN_ONLY,
+        "list_keys": _ANY,
+        "public_key": _ANY,
+        "verify": _ANY,
+        "sign": _ANY,
+        "encrypt": _ANY,
+        "decrypt": _ANY,
+    }.items()
+}
+
 
 class KeyVaultImpl(KeyVault):
-    """Keys in enclave memory. ``sealer`` (usually a ``KmsSealer``) enables seal/unseal."""
+    """Keys in enclave memory. ``sealer`` (usually a ``KmsSealer``) enables seal/unseal.
 
-    def __init__(self, *, sealer: Sealer | None = None, max_keys: int = MAX_KEYS) -> None:
+    With ``check_key_use`` every ``sign``, ``encrypt`` and ``decrypt`` needs an authenticated
+    caller (``vrpc.auth.current_caller``) holding ``signer:KEY_ID`` or ``signer:*``;
+    ``create_server`` always sets it. Without it (in-process use) there is no caller to check.
+    """
+
+    def __init__(
+        self, *, sealer: Sealer | None = None, max_keys: int = MAX_KEYS, check_key_use: bool = False
+    ) -> None:
+        self._check_key_use = check_key_use
         self._keys: dict[str, store.Key] = {}
         self._sealer = sealer
         self._max_keys = max_keys
         # seal/unseal await KMS; serialise them so an unseal cannot interleave with a seal.
         self._seal_lock = asyncio.Lock()
+        # The highest store generation seen (own seals, the unsealed store): never go below it.
+        self._generation = 0
+        # Set by the first create_key, seal or unseal: from then on unseal would merge or
+        # replace a live store, which is how deleted keys come back. Only a fresh enclave unseals.
+        self._started = False
 
     async def create_key(self, key_type: KeyType, label: str | None = None) -> KeyInfo:
         kind = _key_type(key_type)
@@ -79,6 +136,7 @@ class KeyVaultImpl(KeyVault):
                 max_keys=self._max_keys,
             )
         key = store.generate(kind, label, int(time.time() * 1000))
+        self._started = True
         self._keys[key.info.key_id] = key
         log.info("key created", key_id=key.info.key_id, key_type=kind.value)
         return key.info
@@ -96,6 +154,7 @@ class KeyVaultImpl(KeyVault):
 
     async def sign(self, key_id: str, message: bytes) -> bytes:
         key = self._signing_key(key_id, "sign")
+        self._authorize_use(key_id, "sign")
         _check_size("message", message)
         if key.info.key_type is KeyType.ED25519:
             return key.ed25519().sign(message)
@@ -117,6 +176,7 @@ class KeyVaultImpl(KeyVault):
 
     async def encrypt(self, key_id: str, plaintext: bytes, associated_data: bytes = b"") -> bytes:
         key = self._aead_key(key_id, "encrypt")
+        self._authorize_use(key_id, "encrypt")
         _check_size("plaintext", plaintext)
         _check_size("associated_data", associated_data)
         nonce = os.urandom(_NONCE_BYTES)
@@ -125,6 +185,7 @@ class KeyVaultImpl(KeyVault):
 
     async def decrypt(self, key_id: str, ciphertext: bytes, associated_data: bytes = b"") -> bytes:
         key = self._aead_key(key_id, "decrypt")
+        self._authorize_use(key_id, "decrypt")
         _check_size("ciphertext", ciphertext, limit=MAX_MESSAGE_BYTES + 1 + _NONCE_BYTES + 16)
         _check_size("associated_data", associated_data)
         if len(ciphertext) < 1 + _NONCE_BYTES + _TAG_BYTES or ciphertext[0] != _CIPHERTEXT_VERSION:
@@ -148,47 +209,82 @@ class KeyVaultImpl(KeyVault):
         sealer = self._require_sealer()
         async with self._seal_lock:
             payload = store.dump_keys(self._keys.values())
+            generation = self._generation + 1
             try:
-                return await sealer.seal(payload)
-            except (KmsError, EnvelopeError, SealedFormatError) as exc:
+                sealed = await sealer.seal(payload, generation)
+            except (KmsError, EnvelopeError, SealedFormatError, KeyIdentityError) as exc:
                 _sealing_failed("seal", exc)
+            self._generation = generation
+            self._started = True
+            log.info("key store sealed", generation=generation, keys=len(self._keys))
+            return sealed
 
-    async def unseal(self, sealed: bytes) -> list[KeyInfo]:
+    async def unseal(self, sealed: bytes, min_generation: int = 0) -> list[KeyInfo]:
         sealer = self._require_sealer()
         _check_size("sealed", sealed, limit=MAX_SEALED_BYTES)
+        if not isinstance(min_generation, int) or min_generation < 0:
+            _fail(Status.INVALID_ARGUMENT, "min_generation must be >= 0", param="min_generation")
         async with self._seal_lock:
+            if self._started:
+                _fail(
+                    Status.FAILED_PRECONDITION,
+                    "unseal is only allowed at start, before any key is created, sealed or "
+                    "unsealed: restart the enclave to load a sealed store",
+                    param="sealed",
+                )
             try:
-                payload = await sealer.unseal(sealed)
+                generation = sealer.generation(sealed)
+            except SealedFormatError as exc:
+                _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
+            floor = max(min_generation, self._generation)
+            if generation < floor:
+                _fail(
+                    Status.FAILED_PRECONDITION,
+                    f"sealed store is generation {generation}, older than generation {floor} "
+                    "already seen: refusing to roll the key store back",
+                    param="sealed",
+                    generation=generation,
+                    min_generation=floor,
+                )
+            try:
+                generation, payload = await sealer.unseal(sealed)
                 keys = store.load_keys(payload)
             except SealedFormatError as exc:
                 _fail(Status.INVALID_ARGUMENT, f"sealed blob refused: {exc}", param="sealed")
             except store.StoreFormatError as exc:
                 _fail(Status.DATA_LOSS, f"sealed key store is corrupt: {exc}", param="sealed")
-            except (KmsError, EnvelopeError) as exc:
+            except (KmsError, EnvelopeError, KeyIdentityError) as exc:
                 _sealing_failed("unseal", exc)
-            new = [k for k in keys if k.info.key_id not in self._keys]
-            for key in keys:
-                present = self._keys.get(key.info.key_id)
-                if present is not None and not present.same_material(key):
-                    _fail(
-                        Status.ALREADY_EXISTS,
-                        f"key {key.info.key_id} exists with different material; nothing loaded",
-                        param="sealed",
-                        key_id=key.info.key_id,
-                    )
-            if len(self._keys) + len(new) > self._max_keys:
+            if len(keys) > self._max_keys:
                 _fail(
                     Status.RESOURCE_EXHAUSTED,
-                    f"unsealing would exceed {self._max_keys} keys; nothing loaded",
+                    f"the sealed store holds {len(keys)} keys, more than {self._max_keys}; "
+                    "nothing loaded",
                     param="sealed",
                     max_keys=self._max_keys,
                 )
-            for key in new:
-                self._keys[key.info.key_id] = key
-            log.info("keys unsealed", total=len(keys), added=len(new))
+            self._keys = {key.info.key_id: key for key in keys}
+            self._generation = generation
+            self._started = True
+            log.info("keys unsealed", generation=generation, total=len(keys))
             return [k.info for k in keys]
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _authorize_use(self, key_id: str, operation: str) -> None:
+        if not self._check_key_use:
+            return
+        caller = current_caller()
+        if caller is None:
+            # Fail closed: a server built without the authenticator has no caller to check.
+            _fail(Status.UNAUTHENTICATED, f"{operation} needs an authenticated caller", param=None)
+        if f"signer:{key_id}" not in caller.roles and "signer:*" not in caller.roles:
+            _fail(
+                Status.PERMISSION_DENIED,
+                f"caller {caller.key_id!r} may not {operation} with key {key_id} "
+                f"(needs role signer:{key_id})",
+                param="key_id",
+            )
 
     def _get(self, key_id: str) -> store.Key:
         key = self._keys.get(key_id) if len(key_id) <= _MAX_KEY_ID_CHARS else None
@@ -271,11 +367,17 @@ def _sealing_failed(operation: str, exc: Exception) -> NoReturn:
         else:
             status = Status.FAILED_PRECONDITION
         raise RpcError(status, f"{operation}: {exc}", {"param": None, "kms_code": exc.code})
+    if isinstance(exc, KeyIdentityError):
+        raise RpcError(Status.FAILED_PRECONDITION, f"{operation}: {exc}", {"param": None})
     raise RpcError(Status.INTERNAL, f"{operation}: {exc}", {"param": None}) from exc
 
 
 def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -> Sealer | None:
-    """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset)."""
+    """Build the production ``KmsSealer`` from ``VRPC_KMS_*`` variables (None when unset).
+
+    Raises ``KeyIdentityError`` when the key is not a full key ARN or the region disagrees: the
+    enclave refuses to start rather than talk to a key the parent could choose.
+    """
     from services.keyvault.credentials import ParentCredentials
     from services.keyvault.forward import EnclaveForward, vsock_connector
     from services.keyvault.kms import KmsClient
@@ -285,7 +387,10 @@ def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -
     key_id = env.get("VRPC_KMS_KEY_ID")
     if not key_id:
         return None
-    region = env.get("VRPC_KMS_REGION") or env.get("AWS_REGION") or "us-east-1"
+    arn = KeyArn.parse(key_id)
+    region = env.get("VRPC_KMS_REGION") or arn.region
+    if region != arn.region:
+        raise KeyIdentityError(f"VRPC_KMS_REGION is {region!r} but the key ARN is in {arn.region}")
     endpoint = env.get("VRPC_KMS_ENDPOINT") or f"https://kms.{region}.amazonaws.com"
     proxy_port = int(env.get("VRPC_KMS_PROXY_PORT", "8000"))
     creds_port = int(env.get("VRPC_CREDENTIALS_PORT", "8002"))
@@ -300,16 +405,56 @@ def sealer_from_env(attester: Attester, environ: dict[str, str] | None = None) -
     return KmsSealer(client, key_id, attester)
 
 
-def create_server(*, attester: Attester | None = None) -> Server:
-    """The enclave's server: ``vrpc.Server([KeyVaultImpl(...)], attester=NsmAttester())``.
+def callers_from_env(environ: dict[str, str] | None = None) -> list[TrustedCaller]:
+    """The trusted callers from the file named by ``VRPC_KEYVAULT_CALLERS``.
+
+    Raises ``ValueError`` when it is unset, unreadable, malformed or lists nobody: a keyvault
+    that cannot tell its callers apart would obey whoever reaches it, the parent included.
+    """
+    env = dict(os.environ) if environ is None else environ
+    path = env.get("VRPC_KEYVAULT_CALLERS")
+    if not path:
+        raise ValueError(
+            "VRPC_KEYVAULT_CALLERS is not set: the keyvault refuses to start without its "
+            "trusted callers (docs/deployment.md)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the trusted callers file {path}: {exc}") from None
+    callers = load_callers(data)
+    if not callers:
+        raise ValueError(f"the trusted callers file {path} lists no caller")
+    return callers
+
+
+def authenticator(callers: list[TrustedCaller]) -> CallerAuthenticator:
+    """The keyvault's caller check: ``METHOD_ROLES`` for these callers."""
+    return CallerAuthenticator(callers, method_roles=METHOD_ROLES)
+
+
+def create_server(
+    *,
+    attester: Attester | None = None,
+    callers: list[TrustedCaller] | None = None,
+    sealer: Sealer | None = None,
+) -> Server:
+    """The enclave's server: keyvault behind caller authentication, with the NSM attester.
 
     ``attester`` replaces the NSM attester (``vrpc serve --insecure-test-attester`` passes the
-    test attester on machines without Nitro).
+    test attester on machines without Nitro); ``callers`` replaces ``callers_from_env()``;
+    ``sealer`` replaces ``sealer_from_env()`` (tests, a KMS reached another way).
     """
     # Imported here: the server and the NSM driver are enclave-side, and importing this module
     # (tests, tooling, hosts reading the implementation) must need neither.
     from vrpc.attestation import NsmAttester
     from vrpc.server import Server
 
+    trusted = callers_from_env() if callers is None else callers
+    if not trusted:
+        raise ValueError("the keyvault needs at least one trusted caller")
     chosen: Attester = NsmAttester() if attester is None else attester
-    return Server([KeyVaultImpl(sealer=sealer_from_env(chosen))], attester=chosen)
+    chosen_sealer = sealer_from_env(chosen) if sealer is None else sealer
+    vault = KeyVaultImpl(sealer=chosen_sealer, check_key_use=True)
+    return Server([vault], attester=chosen, interceptors=[authenticator(trusted)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 
 from vrpc.service import Service, rpc
 
@@ -32,6 +33,7 @@ __all__ = [
     "KeyInfo",
     "KeyType",
     "KeyVault",
+    "sealed_generation",
 ]
 
 #: Largest ``message`` / ``plaintext`` / ``ciphertext`` / ``associated_data`` accepted (1 MiB).
@@ -58,6 +60,18 @@ class KeyType(enum.StrEnum):
     @property
     def encrypts(self) -> bool:
         return self is KeyType.AES_256_GCM
+
+
+def sealed_generation(sealed: bytes) -> int:
+    """The generation written in a sealed blob's header (``services.keyvault.sealing``), for
+    hosts that record the latest one; ``ValueError`` when the bytes are not a sealed blob.
+
+    The header is authenticated only when the enclave unseals the blob: a host learns here what
+    the blob claims, the enclave refuses it later if the claim is false."""
+    if len(sealed) < 13 or sealed[:5] != b"VRKV\x02":
+        raise ValueError("not a version 2 keyvault sealed blob")
+    generation: int = struct.unpack_from(">Q", sealed, 5)[0]
+    return generation
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,7 +135,8 @@ class KeyVault(Service, name="keyvault.v1"):
 
     @rpc(timeout=30.0)
     async def seal(self) -> bytes:
-        """The whole key store, encrypted under a fresh KMS data key (a versioned blob).
+        """The whole key store, encrypted under a fresh KMS data key (a versioned blob) at the
+        next generation: one more than the last sealed or unsealed (:func:`sealed_generation`).
 
         The host keeps the blob (the enclave has no disk) and hands it back to ``unseal``
         after a restart. Fails with ``FAILED_PRECONDITION`` when sealing is not configured.
@@ -129,10 +144,12 @@ class KeyVault(Service, name="keyvault.v1"):
         raise NotImplementedError
 
     @rpc(timeout=30.0)
-    async def unseal(self, sealed: bytes) -> list[KeyInfo]:
-        """Load keys from a blob made by ``seal``; returns the keys it contained.
+    async def unseal(self, sealed: bytes, min_generation: int = 0) -> list[KeyInfo]:
+        """Load the key store from a blob made by ``seal``; returns the keys it contained.
 
-        Keys already present with the same id and material are kept; the same id with different
-        material is refused (``ALREADY_EXISTS``) and nothing is loaded.
+        Only at start: once a key was created, or the store sealed or unsealed, ``unseal`` is
+        ``FAILED_PRECONDITION``. A blob older than ``min_generation`` (the latest generation the
+        caller recorded) or than any generation this enclave has seen is refused
+        (``FAILED_PRECONDITION``) before KMS is asked.
         """
         raise NotImplementedError

@@ -9,8 +9,10 @@ The enclave has no network interface. In production the TCP connection goes to a
 forward (``services.keyvault.forward``) that relays it over vsock to ``vsock-proxy`` on the
 parent, which relays it to ``kms.REGION.amazonaws.com:443``. TLS runs end to end between the
 enclave and KMS, so the parent sees ciphertext only; the request is signed with credentials the
-parent supplies (``services.keyvault.credentials``) — harmless, since the KMS key policy should
-require ``kms:RecipientAttestation:PCR0`` and friends, which only a genuine enclave satisfies.
+parent supplies (``services.keyvault.credentials``) — harmless under the key policy of
+``deploy/kms-key-policy.json``, which denies plaintext to any request without this build's
+``kms:RecipientAttestation:ImageSha384``. Those credentials are checked before they reach a
+header, and the endpoint must be https.
 
 Signing uses botocore's SigV4 implementation; the transport is written here because botocore's
 HTTP stack is blocking and far larger than two POST requests need.
@@ -23,6 +25,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
@@ -39,6 +42,7 @@ __all__ = [
     "AwsCredentials",
     "CredentialsProvider",
     "DataKey",
+    "Decrypted",
     "KmsClient",
     "KmsError",
     "Route",
@@ -53,6 +57,11 @@ CONTENT_TYPE = "application/x-amz-json-1.1"
 _MAX_HEADER_BYTES = 32 * 1024
 _MAX_BODY_BYTES = 1 << 20  # KMS answers are a few KiB
 _DEFAULT_TIMEOUT = 10.0
+# What reaches the request headers from the parent's credentials: an access key id (in the
+# Authorization header) and a session token (X-Amz-Security-Token). AWS issues both in these
+# alphabets; anything else (CR, LF, non-ASCII) would split or break the request.
+_ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+_SESSION_TOKEN = re.compile(r"[A-Za-z0-9/+=_-]{1,16384}")
 
 
 class KmsError(VrpcError):
@@ -68,6 +77,8 @@ class KmsError(VrpcError):
 
     @property
     def retryable(self) -> bool:
+        if self.code == "InvalidCredentials":
+            return False
         return (
             self.http_status is None
             or self.http_status >= 500
@@ -126,12 +137,20 @@ class DataKey:
     key_id: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class Decrypted:
+    ciphertext_for_recipient: bytes  # CMS envelope of the plaintext to the recipient RSA key
+    key_id: str  # the ARN of the key KMS used (the reply's KeyId)
+
+
 class KmsClient:
     """``GenerateDataKey`` / ``Decrypt`` with a Recipient.
 
     ``endpoint`` is the KMS URL used for the Host header, SigV4 and TLS server name (e.g.
     ``https://kms.eu-west-1.amazonaws.com``); ``route`` is where the TCP connection goes
-    (default: the endpoint's own host and port).
+    (default: the endpoint's own host and port). The endpoint must be https: the TCP path runs
+    through the parent, and only TLS to KMS keeps it out. ``allow_insecure_http`` admits an
+    ``http://`` endpoint for local test servers only.
     """
 
     def __init__(
@@ -143,10 +162,15 @@ class KmsClient:
         route: Route | None = None,
         timeout: float = _DEFAULT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        allow_insecure_http: bool = False,
     ) -> None:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"KMS endpoint must be an http(s) URL, got {endpoint!r}")
+            raise ValueError(f"KMS endpoint must be an https URL, got {endpoint!r}")
+        if url.scheme == "http" and not allow_insecure_http:
+            raise ValueError(
+                f"KMS endpoint must be https (TLS from inside the enclave), got {endpoint!r}"
+            )
         self._tls = url.scheme == "https"
         self._hostname = url.hostname
         port = url.port or (443 if self._tls else 80)
@@ -194,8 +218,8 @@ class KmsClient:
         attestation_document: bytes,
         key_id: str | None = None,
         encryption_context: Mapping[str, str] | None = None,
-    ) -> bytes:
-        """The ``CiphertextForRecipient`` envelope of the plaintext."""
+    ) -> Decrypted:
+        """The ``CiphertextForRecipient`` envelope of the plaintext, and the key KMS used."""
         body: dict[str, Any] = {
             "CiphertextBlob": base64.b64encode(ciphertext_blob).decode(),
             "Recipient": _recipient(attestation_document),
@@ -207,11 +231,12 @@ class KmsClient:
         reply = await self.call("Decrypt", body)
         if reply.get("Plaintext") is not None:
             raise KmsError("MalformedResponse", "Decrypt returned a plaintext despite Recipient")
-        return _b64(reply, "CiphertextForRecipient")
+        return Decrypted(_b64(reply, "CiphertextForRecipient"), _str(reply, "KeyId"))
 
     async def call(self, action: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST one signed ``TrentService.<action>`` request and return the JSON reply."""
         creds = await self._credentials.credentials()
+        _check_credentials(creds)
         payload = json.dumps(body, separators=(",", ":")).encode()
         headers = self._sign(action, payload, creds)
         try:
@@ -336,6 +361,20 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
             raise KmsError("MalformedResponse", "chunk not followed by CRLF")
+
+
+def _check_credentials(creds: AwsCredentials) -> None:
+    # The parent supplies these; refuse before they reach a header. The values are secrets (or
+    # close to it): the error names the field, never the value.
+    if not _ACCESS_KEY_ID.fullmatch(creds.access_key_id):
+        raise KmsError("InvalidCredentials", "the access key id has characters AWS never issues")
+    if not creds.secret_access_key:
+        raise KmsError("InvalidCredentials", "the secret access key is empty")
+    token = creds.session_token
+    if token is not None and not _SESSION_TOKEN.fullmatch(token):
+        raise KmsError(
+            "InvalidCredentials", "the session token has characters AWS never issues (or is empty)"
+        )
 
 
 def _recipient(attestation_document: bytes) -> dict[str, str]:

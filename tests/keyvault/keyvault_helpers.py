@@ -15,6 +15,7 @@ def kms_client(kms: LocalKms, **overrides: Any) -> KmsClient:
         "endpoint": kms.endpoint,
         "region": kms.region,
         "credentials": StaticCredentials(creds),
+        "allow_insecure_http": True,  # LocalKms speaks HTTP on loopback unless given TLS
     }
     args.update(overrides)
     return KmsClient(**args)

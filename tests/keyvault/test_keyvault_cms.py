@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asn1crypto import cms
@@ -10,7 +11,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.keyvault.cms import Envelope, EnvelopeError, build_envelope, open_envelope
+from services.keyvault.cms import (
+    DECRYPTION_FAILED,
+    Envelope,
+    EnvelopeError,
+    build_envelope,
+    open_envelope,
+)
 
 _KEY = rsa.generate_private_key(65537, 2048)
 _MGF1_SHA1 = {"algorithm": "mgf1", "parameters": {"algorithm": "sha1"}}
@@ -145,3 +152,63 @@ def test_corrupted_real_envelope_only_raises_envelope_error(pos: int, byte: int)
         open_envelope(bytes(data), _KEY)
     except EnvelopeError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda env: env.__setitem__("version", "v0"), "EnvelopedData version is v0"),
+        (
+            lambda env: env["recipient_infos"][0].chosen.__setitem__("version", "v0"),
+            "recipient info version is v0",
+        ),
+        (
+            lambda env: env["encrypted_content_info"].__setitem__("content_type", "signed_data"),
+            "encrypted content type is signed_data",
+        ),
+        (
+            lambda env: env.__setitem__(
+                "unprotected_attrs", [{"type": "content_type", "values": ["data"]}]
+            ),
+            "unprotected attributes",
+        ),
+        (
+            lambda env: env["recipient_infos"][0].chosen.__setitem__(
+                "rid", cms.RecipientIdentifier(name="subject_key_identifier", value=b"")
+            ),
+            "subject key identifier is empty",
+        ),
+    ],
+)
+def test_envelope_fields_are_checked(mutate: Any, reason: str) -> None:
+    info = cms.ContentInfo.load(build_envelope(b"k" * 32, _KEY.public_key()))
+    mutate(info["content"])
+    with pytest.raises(EnvelopeError, match=reason):
+        Envelope.parse(bytes(info.dump(force=True)))
+
+
+def _envelope(content_key: bytes, plaintext_block: bytes, key: rsa.RSAPrivateKey) -> Envelope:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from services.keyvault.cms import _oaep
+
+    iv = bytes(16)
+    encryptor = Cipher(algorithms.AES(content_key), modes.CBC(iv)).encryptor()
+    body = encryptor.update(plaintext_block) + encryptor.finalize()
+    return Envelope(b"id", key.public_key().encrypt(content_key, _oaep()), iv, body)
+
+
+def test_every_decryption_failure_is_one_error() -> None:
+    other = rsa.generate_private_key(65537, 2048)
+    failures = [
+        (_envelope(b"c" * 32, b"k" * 16, other), _KEY),  # RSA: another key
+        (_envelope(b"c" * 32, b"k" * 15 + b"\x00", _KEY), _KEY),  # PKCS#7 padding
+        (_envelope(b"c" * 16, b"k" * 15 + b"\x01", _KEY), _KEY),  # content key length
+    ]
+    messages = set()
+    for envelope, key in failures:
+        with pytest.raises(EnvelopeError) as info:
+            envelope.open(key)
+        messages.add(str(info.value))
+    assert messages == {DECRYPTION_FAILED}
+    assert _envelope(b"c" * 32, b"k" * 15 + b"\x01", _KEY).open(_KEY) == b"k" * 15

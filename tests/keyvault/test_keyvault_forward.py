@@ -68,13 +68,13 @@ async def test_forward_survives_upstream_failure() -> None:
 
 async def test_sealing_through_the_forward(test_attester: Any, local_kms: LocalKms) -> None:
     # The enclave's route to KMS: client -> 127.0.0.1 forward -> (vsock in production) -> KMS.
-    local_kms.create_key(alias="vault")
+    arn = local_kms.create_key(alias="vault")
     forward = EnclaveForward(tcp_connector("127.0.0.1", local_kms.port), port=0)
     client = kms_client(local_kms, route=forward)
-    vault = KeyVaultImpl(sealer=KmsSealer(client, "alias/vault", test_attester))
+    vault = KeyVaultImpl(sealer=KmsSealer(client, arn, test_attester))
     key = await vault.create_key(KeyType.ED25519)
     sealed = await vault.seal()
-    fresh = KeyVaultImpl(sealer=KmsSealer(client, "alias/vault", test_attester))
+    fresh = KeyVaultImpl(sealer=KmsSealer(client, arn, test_attester))
     assert await fresh.unseal(sealed) == [key]
     await forward.aclose()
 
@@ -124,8 +124,8 @@ async def test_kms_with_parent_credentials(parent: tuple[int, list[int]]) -> Non
         client = kms_client(kms, credentials=ParentCredentials(tcp_connector("127.0.0.1", port)))
         with pytest.raises(KmsError) as info:
             await client.call("GenerateDataKey", {})
-        # Signature and token accepted; refused only for the missing Recipient.
-        assert info.value.code == "ValidationException"
+        # Signature and token accepted; refused only for the missing KeyId.
+        assert info.value.code == "ValidationException" and "KeyId" in info.value.message
 
 
 async def test_parent_ignores_bad_requests(parent: tuple[int, list[int]]) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -133,6 +134,14 @@ def test_lock_covers_the_dependency_closure_at_the_installed_versions() -> None:
         assert locked[name][0] == installed, f"{name}: lock {locked[name][0]}, venv {installed}"
 
 
+def test_lock_holds_nothing_the_enclave_does_not_need() -> None:
+    # Every package in the image is code the enclave trusts: test-only libraries (pycose and
+    # what it pulls in) stay out.
+    extra = lock_entries().keys() - closure(runtime_requirements())
+    assert extra == set(), f"not needed in the enclave: {sorted(extra)}"
+    assert "pycose" not in lock_entries()
+
+
 def test_hadolint_if_available() -> None:
     hadolint = shutil.which("hadolint") or str(Path(ROOT / ".venv/bin/hadolint"))
     if not Path(hadolint).exists():
@@ -150,3 +159,83 @@ def test_build_eif_script_is_valid_bash() -> None:
     text = script.read_text()
     for step in ("docker build", "nitro-cli build-enclave", "attest policy", "Dockerfile.enclave"):
         assert step in text
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    # Go filepath.Match syntax plus "**" for any number of directories, as Docker reads it.
+    out = ""
+    for token in re.split(r"(\*\*/|\*|\?)", pattern):
+        out += {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+    return re.compile(out)
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule for .dockerignore: the last matching pattern wins, ``!`` re-includes, and a
+    pattern matching a directory covers everything below it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        regex = _dockerignore_regex(line.removeprefix("!").rstrip("/"))
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            excluded = not line.startswith("!")
+    return excluded
+
+
+def test_build_context_is_an_allowlist() -> None:
+    for path in ("vrpc/client.py", "services/keyvault/impl.py", "requirements-enclave.lock",
+                 "build/keyvault-callers.json"):  # fmt: skip
+        assert not dockerignore_excludes(path), path
+    for path in ("vrpc/__pycache__/client.cpython-311.pyc", "services/keyvault/x.pyc",
+                 "tests/test_auth.py", ".venv/bin/python", "build/eif/keyvault.eif",
+                 "docs/deployment.md", ".git/HEAD", "services/.hidden"):  # fmt: skip
+        assert dockerignore_excludes(path), path
+
+
+def test_copied_files_get_normalised_times_modes_and_owners() -> None:
+    steps = instructions()
+    copies = [(i, args) for i, (kw, args) in enumerate(steps) if kw == "COPY"]
+    from_context = [(i, args) for i, args in copies if "--from=" not in args]
+    assert from_context, "the build copies sources from the context"
+    normalise = [
+        i for i, (kw, args) in enumerate(steps)
+        if kw == "RUN" and "chmod -R u=rwX,go=rX /app" in args and "--date=@0" in args
+    ]  # fmt: skip
+    assert normalise, "no RUN normalises modes and times"
+    for index, args in from_context:
+        # Each copy from the checkout is owned by root and normalised afterwards in its stage.
+        assert "--chown=0:0" in args or "requirements-enclave.lock" in args, args
+        later = [n for n in normalise if n > index]
+        next_from = [n for n, (kw, _) in enumerate(steps) if kw == "FROM" and n > index]
+        assert later and (not next_from or later[0] < next_from[0]), args
+    assert any("build/keyvault-callers.json /app/keyvault-callers.json" in a for _, a in copies)
+    env = " ".join(args for kw, args in steps if kw == "ENV")
+    assert "VRPC_KEYVAULT_CALLERS=/app/keyvault-callers.json" in env
+
+
+def test_build_eif_pins_what_pcr0_depends_on() -> None:
+    text = (ROOT / "scripts" / "build-eif").read_text()
+    assert "rewrite-timestamp=true" in text and "SOURCE_DATE_EPOCH" in text
+    assert "nitro-cli --version" in text and "build-info.json" in text
+    assert "--signing-certificate" in text  # PCR8 for signed images
+
+
+def test_build_eif_refuses_a_bad_callers_file(tmp_path: Path) -> None:
+    arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    script = str(ROOT / "scripts" / "build-eif")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [script, "--kms-key-id", arn], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert run.returncode == 2 and "--callers FILE is required" in run.stderr
+    bad = tmp_path / "callers.json"
+    bad.write_text('{"callers": [{"key_id": "ops"}]}')
+    run = subprocess.run(
+        [script, "--kms-key-id", arn, "--callers", str(bad)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "callers[0] must have exactly key_id, public_key and roles" in run.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 from typing import Any
 
@@ -53,13 +54,14 @@ async def test_generate_and_decrypt_roundtrip() -> None:
         assert data_key.key_id == arn
         plaintext = open_envelope(data_key.ciphertext_for_recipient, key)
         assert len(plaintext) == 32
-        envelope = await client.decrypt(
+        answer = await client.decrypt(
             data_key.ciphertext_blob,
             attestation_document=spki_of(key),
             key_id=arn,
             encryption_context={"k": "v"},
         )
-        assert open_envelope(envelope, key) == plaintext
+        assert answer.key_id == arn
+        assert open_envelope(answer.ciphertext_for_recipient, key) == plaintext
         with pytest.raises(KmsError) as info:
             await client.decrypt(data_key.ciphertext_blob, attestation_document=spki_of(key))
         assert info.value.code == "InvalidCiphertextException"  # context is bound
@@ -116,7 +118,7 @@ async def test_server_detects_a_tampered_body() -> None:
         headers = client._sign("Decrypt", b'{"a":1}', await client._credentials.credentials())
         status, body = await _raw(kms, headers, b'{"a":2}')
         assert status == 400 and b"InvalidSignatureException" in body
-        status, body = await _raw(kms, {**headers, "X-Amz-Target": "TrentService.Encrypt"}, b"{}")
+        status, body = await _raw(kms, {**headers, "X-Amz-Target": "TrentService.ListKeys"}, b"{}")
         assert status == 400 and b"UnknownOperationException" in body
         status, body = await _raw(kms, {**headers, "Content-Type": "application/json"}, b"{}")
         assert status == 400 and b"SerializationException" in body
@@ -137,14 +139,17 @@ async def _raw(kms: LocalKms, headers: dict[str, str], body: bytes) -> tuple[int
         await writer.wait_closed()
 
 
-async def test_server_requires_a_recipient() -> None:
+async def test_without_recipient_the_plaintext_comes_back_when_the_policy_allows() -> None:
+    # What real KMS does under the default key policy (IAM delegation): the reason the enclave's
+    # key needs the policy in deploy/kms-key-policy.json.
     async with LocalKms(recipient_check=plain_recipient) as kms:
-        kms.create_key(alias="a")
-        with pytest.raises(KmsError) as info:
-            await kms_client(kms).call(
-                "GenerateDataKey", {"KeyId": "alias/a", "KeySpec": "AES_256"}
-            )
-        assert info.value.code == "ValidationException" and "Recipient" in info.value.message
+        arn = kms.create_key(alias="a")
+        reply = await kms_client(kms).call(
+            "GenerateDataKey", {"KeyId": "alias/a", "KeySpec": "AES_256"}
+        )
+        assert reply["KeyId"] == arn and len(base64.b64decode(reply["Plaintext"])) == 32
+        again = await kms_client(kms).call("Decrypt", {"CiphertextBlob": reply["CiphertextBlob"]})
+        assert again["Plaintext"] == reply["Plaintext"] and "CiphertextForRecipient" not in again
 
 
 async def test_small_rsa_recipient_is_refused() -> None:
@@ -182,20 +187,63 @@ async def test_silent_server_times_out() -> None:
             region="eu-west-1",
             credentials=StaticCredentials(AwsCredentials("AKIA", "s")),
             timeout=0.2,
+            allow_insecure_http=True,
         )
         with pytest.raises(KmsError, match="timed out"):
             await client.call("Decrypt", {})
 
 
-def test_endpoint_must_be_http() -> None:
+def test_endpoint_must_be_https() -> None:
     from services.keyvault.kms import AwsCredentials, StaticCredentials
 
-    with pytest.raises(ValueError, match="http"):
-        KmsClient(
-            endpoint="kms.eu-west-1.amazonaws.com",
-            region="eu-west-1",
-            credentials=StaticCredentials(AwsCredentials("a", "b")),
-        )
+    for endpoint in ("kms.eu-west-1.amazonaws.com", "http://kms.eu-west-1.amazonaws.com"):
+        with pytest.raises(ValueError, match="https"):
+            KmsClient(
+                endpoint=endpoint,
+                region="eu-west-1",
+                credentials=StaticCredentials(AwsCredentials("a", "b")),
+            )
+    env = {
+        "VRPC_KMS_KEY_ID": "arn:aws:kms:eu-west-1:111122223333:key/"
+        + "1" * 8
+        + "-1111" * 3
+        + "-"
+        + "1" * 12,
+        "VRPC_KMS_ENDPOINT": "http://kms.eu-west-1.amazonaws.com",
+    }
+    from services.keyvault.impl import sealer_from_env
+
+    with pytest.raises(ValueError, match="must be https"):
+        sealer_from_env(object(), env)  # the enclave refuses to start
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("session_token", "tok\r\nX-Amz-Target: TrentService.Encrypt", "session token"),
+        ("session_token", "t\u00f6ken", "session token"),  # not latin-1 safe: no UnicodeEncodeError
+        ("session_token", "", "session token"),
+        ("access_key_id", "AKIA\nX", "access key id"),
+        ("access_key_id", "AKIA KEY", "access key id"),
+        ("secret_access_key", "", "secret access key"),
+    ],
+)
+async def test_parent_credentials_cannot_inject_headers(
+    field: str, value: str, message: str
+) -> None:
+    import dataclasses
+
+    from services.keyvault.kms import AwsCredentials, StaticCredentials
+
+    async with LocalKms(recipient_check=plain_recipient) as kms:
+        good = AwsCredentials(kms.access_key_id, kms.secret_access_key, "tok")
+        bad = dataclasses.replace(good, **{field: value})
+        with pytest.raises(KmsError) as info:
+            await kms_client(kms, credentials=StaticCredentials(bad)).call("Decrypt", {})
+        assert info.value.code == "InvalidCredentials" and message in info.value.message
+        assert not info.value.retryable
+        assert value not in str(info.value) or not value
+        assert kms.calls == []  # nothing was sent
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:

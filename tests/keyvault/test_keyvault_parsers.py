@@ -64,7 +64,7 @@ def test_sealed_blob_random_bytes(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
 def test_sealed_blob_any_flip_is_detected(pos: int, mask: int) -> None:
-    blob = bytearray(SealedBlob.encrypt(bytes(32), b"kms", b"store"))
+    blob = bytearray(SealedBlob.encrypt(bytes(32), b"kms", b"store", 1))
     blob[pos % len(blob)] ^= mask
     with pytest.raises(SealedFormatError):
         SealedBlob.parse(bytes(blob)).decrypt(bytes(32))

@@ -10,11 +10,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from keyvault_helpers import kms_client
 
-from services.keyvault import KeyType
+from services.keyvault import KeyType, sealed_generation
 from services.keyvault.impl import KeyVaultImpl, sealer_from_env
 from services.keyvault.kms import KmsClient, KmsError
-from services.keyvault.sealing import ENCRYPTION_CONTEXT, MAGIC, KmsSealer, SealedBlob
-from services.keyvault.store import dump_keys, generate, load_keys
+from services.keyvault.sealing import (
+    ENCRYPTION_CONTEXT,
+    MAGIC,
+    KeyIdentityError,
+    KmsSealer,
+    SealedBlob,
+    SealedFormatError,
+)
 from services.keyvault.testing import KmsRequestError, LocalKms
 from vrpc.exceptions import RpcError
 from vrpc.status import Status
@@ -26,7 +32,7 @@ def make_vault(kms: LocalKms, attester: Any, key_id: str) -> KeyVaultImpl:
 
 async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester: Any) -> None:
     key_arn = local_kms.create_key(alias="vault")
-    before = make_vault(local_kms, test_attester, "alias/vault")
+    before = make_vault(local_kms, test_attester, key_arn)
     ed = await before.create_key(KeyType.ED25519, "ed")
     ecdsa = await before.create_key(KeyType.ECDSA_P256)
     aes = await before.create_key(KeyType.AES_256_GCM, "data")
@@ -34,11 +40,11 @@ async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester:
     ec_pub = await before.public_key(ecdsa.key_id)
     old_ct = await before.encrypt(aes.key_id, b"kept secret", b"ad")
     sealed = await before.seal()
-    assert sealed.startswith(MAGIC + b"\x01")
+    assert sealed.startswith(MAGIC + b"\x02") and sealed_generation(sealed) == 1
     assert b"kept secret" not in sealed and b"data" not in sealed
     del before  # the enclave restarts: a new instance with an empty store
 
-    after = make_vault(local_kms, test_attester, "alias/vault")
+    after = make_vault(local_kms, test_attester, key_arn)
     assert await after.list_keys() == []
     restored = await after.unseal(sealed)
     assert [k.key_id for k in restored] == [ed.key_id, ecdsa.key_id, aes.key_id]
@@ -64,22 +70,62 @@ async def test_sealed_store_survives_restart(local_kms: LocalKms, test_attester:
     assert SealedBlob.parse(sealed).kms_blob.find(key_arn.encode()) > 0
 
 
-async def test_unseal_is_idempotent_and_merges(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+async def test_generations_count_up_and_unseal_only_at_start(
+    local_kms: LocalKms, test_attester: Any
+) -> None:
+    arn = local_kms.create_key()
+    vault = make_vault(local_kms, test_attester, arn)
     first = await vault.create_key(KeyType.ED25519)
-    sealed = await vault.seal()
+    gen1 = await vault.seal()
     second = await vault.create_key(KeyType.AES_256_GCM)
-    assert [k.key_id for k in await vault.unseal(sealed)] == [first.key_id]
-    assert [k.key_id for k in await vault.list_keys()] == [first.key_id, second.key_id]
+    await vault.delete_key(first.key_id)
+    gen2 = await vault.seal()
+    assert (sealed_generation(gen1), sealed_generation(gen2)) == (1, 2)
+    # A running vault never unseals: not even its own latest store.
+    with pytest.raises(RpcError) as info:
+        await vault.unseal(gen2)
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert "only allowed at start" in info.value.message
+
+    restarted = make_vault(local_kms, test_attester, arn)
+    calls = len(local_kms.calls)
+    with pytest.raises(RpcError) as info:
+        await restarted.unseal(gen1, min_generation=2)  # the caller recorded generation 2
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert "generation 1, older than generation 2" in info.value.message
+    assert len(local_kms.calls) == calls  # refused before KMS was asked
+    assert await restarted.list_keys() == []
+    assert [k.key_id for k in await restarted.unseal(gen2, min_generation=2)] == [second.key_id]
+    assert sealed_generation(await restarted.seal()) == 3  # continues after the unsealed one
+
+
+async def test_a_forged_generation_does_not_authenticate(
+    local_kms: LocalKms, test_attester: Any
+) -> None:
+    arn = local_kms.create_key()
+    vault = make_vault(local_kms, test_attester, arn)
+    await vault.create_key(KeyType.ED25519)
+    sealed = bytearray(await vault.seal())
+    sealed[5:13] = (7).to_bytes(8, "big")  # claims to be newer than it is
+    with pytest.raises(RpcError) as info:
+        await make_vault(local_kms, test_attester, arn).unseal(bytes(sealed), min_generation=5)
+    assert info.value.status is Status.INVALID_ARGUMENT and "corrupt" in info.value.message
+
+
+async def test_bad_min_generation_is_invalid(local_kms: LocalKms, test_attester: Any) -> None:
+    vault = make_vault(local_kms, test_attester, local_kms.create_key())
+    with pytest.raises(RpcError) as info:
+        await vault.unseal(b"x", min_generation=-1)
+    assert info.value.status is Status.INVALID_ARGUMENT
+    assert info.value.details["param"] == "min_generation"
 
 
 async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+    arn = local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, arn)
     await vault.create_key(KeyType.ED25519)
     sealed = await vault.seal()
-    fresh = make_vault(local_kms, test_attester, "alias/vault")
+    fresh = make_vault(local_kms, test_attester, arn)
     # The AES-GCM body: KMS answers, the enclave's AEAD check refuses.
     body_flip = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(RpcError) as info:
@@ -88,14 +134,16 @@ async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any)
     # The KMS blob: KMS refuses it.
     blob = SealedBlob.parse(sealed)
     kms_flip = bytearray(sealed)
-    kms_flip[7 + len(blob.kms_blob) - 1] ^= 1
+    kms_flip[15 + len(blob.kms_blob) - 1] ^= 1
     with pytest.raises(RpcError) as info:
         await fresh.unseal(bytes(kms_flip))
     assert info.value.status is Status.INVALID_ARGUMENT
     assert info.value.details["kms_code"] == "InvalidCiphertextException"
     # Not a blob at all: refused before any KMS call.
     calls = len(local_kms.calls)
-    for junk in (b"", b"VRKV", b"XXXX\x01\x00\x01", b"VRKV\x02\x00\x01" + bytes(40)):
+    v2 = b"VRKV\x02" + bytes(7) + b"\x01"
+    junk_blobs = (b"", b"VRKV", b"XXXX\x02" + bytes(10), b"VRKV\x01" + bytes(40), v2 + bytes(40))
+    for junk in junk_blobs:
         with pytest.raises(RpcError) as info:
             await fresh.unseal(junk)
         assert (
@@ -106,8 +154,8 @@ async def test_tampered_blob_is_refused(local_kms: LocalKms, test_attester: Any)
 
 
 async def test_kms_refusals_map_to_statuses(local_kms: LocalKms, test_attester: Any) -> None:
-    local_kms.create_key(alias="vault")
-    vault = make_vault(local_kms, test_attester, "alias/vault")
+    arn = local_kms.create_key(alias="vault")
+    vault = make_vault(local_kms, test_attester, arn)
     local_kms.refuse_next = KmsRequestError("AccessDeniedException", "key policy says no")
     with pytest.raises(RpcError) as info:
         await vault.seal()
@@ -117,7 +165,7 @@ async def test_kms_refusals_map_to_statuses(local_kms: LocalKms, test_attester: 
     with pytest.raises(RpcError) as info:
         await vault.seal()
     assert info.value.status is Status.UNAVAILABLE
-    missing = make_vault(local_kms, test_attester, "alias/missing")
+    missing = make_vault(local_kms, test_attester, arn.replace(arn[-12:], "0" * 12))
     with pytest.raises(RpcError) as info:
         await missing.seal()
     assert info.value.status is Status.FAILED_PRECONDITION
@@ -131,8 +179,8 @@ async def test_unattested_recipient_is_refused(local_kms: LocalKms, test_atteste
         def attest(self, *, public_key: bytes | None = None, **_: Any) -> bytes:
             return b"not an attestation document" + (public_key or b"")
 
-    local_kms.create_key(alias="vault")
-    vault = KeyVaultImpl(sealer=KmsSealer(kms_client(local_kms), "alias/vault", Forger()))
+    arn = local_kms.create_key(alias="vault")
+    vault = KeyVaultImpl(sealer=KmsSealer(kms_client(local_kms), arn, Forger()))
     with pytest.raises(RpcError) as info:
         await vault.seal()
     assert info.value.details["kms_code"] == "ValidationException"
@@ -146,8 +194,8 @@ async def test_debug_enclave_is_refused_by_strict_kms(test_attester: Any, tmp_pa
     debug = InsecureTestAttester(seed=b"keyvault-tests", debug=True, nsm_path=str(tmp_path / "n"))
     strict = Verifier(test_attester.policy(), test_attester.trust_root())
     async with LocalKms(recipient_check=attested_public_key(strict)) as kms:
-        kms.create_key(alias="vault")
-        vault = KeyVaultImpl(sealer=KmsSealer(kms_client(kms), "alias/vault", debug))
+        arn = kms.create_key(alias="vault")
+        vault = KeyVaultImpl(sealer=KmsSealer(kms_client(kms), arn, debug))
         with pytest.raises(RpcError) as info:
             await vault.seal()
     assert "PolicyViolation" in info.value.message
@@ -159,8 +207,8 @@ async def test_kms_answer_with_plaintext_is_refused(
     # Something answering with the plaintext data key is not KMS honouring the Recipient.
     original = local_kms._generate_data_key
 
-    def leaky(request: Any, recipient: Any) -> dict[str, Any]:
-        reply = original(request, recipient)
+    def leaky(request: Any, recipient: Any, who: Any) -> dict[str, Any]:
+        reply = original(request, recipient, who)
         reply["Plaintext"] = "AAAA"
         return reply
 
@@ -177,50 +225,101 @@ async def test_kms_answer_with_plaintext_is_refused(
 
 
 class PlainSealer:
-    """Identity sealing: lets merge rules be tested without KMS."""
+    """Identity sealing behind an 8-byte generation: tests the vault's rules without KMS."""
 
-    async def seal(self, plaintext: bytes) -> bytes:
-        return plaintext
+    async def seal(self, plaintext: bytes, generation: int) -> bytes:
+        return generation.to_bytes(8, "big") + plaintext
 
-    async def unseal(self, blob: bytes) -> bytes:
-        return blob
+    def generation(self, blob: bytes) -> int:
+        return int.from_bytes(blob[:8], "big")
+
+    async def unseal(self, blob: bytes) -> tuple[int, bytes]:
+        return self.generation(blob), blob[8:]
 
 
-async def test_conflicting_unseal_loads_nothing() -> None:
-    vault = KeyVaultImpl(sealer=PlainSealer())
-    info = await vault.create_key(KeyType.AES_256_GCM)
-    own = load_keys(await vault.seal())[0]
-    impostor = generate(KeyType.AES_256_GCM, None, 0)
-    clash = type(own)(own.info, impostor.material)
-    extra = generate(KeyType.ED25519, None, 0)
-    with pytest.raises(RpcError) as err:
-        await vault.unseal(dump_keys([extra, clash]))
-    assert err.value.status is Status.ALREADY_EXISTS and err.value.details["key_id"] == info.key_id
-    assert await vault.list_keys() == [info]
+async def test_too_many_keys_in_a_store_loads_nothing() -> None:
+    big = KeyVaultImpl(sealer=PlainSealer())
+    for _ in range(2):
+        await big.create_key(KeyType.ED25519)
+    sealed = await big.seal()
     small = KeyVaultImpl(sealer=PlainSealer(), max_keys=1)
-    await small.create_key(KeyType.ED25519)
     with pytest.raises(RpcError) as err:
-        await small.unseal(dump_keys([extra]))
+        await small.unseal(sealed)
     assert err.value.status is Status.RESOURCE_EXHAUSTED
+    assert await small.list_keys() == []
 
 
 async def test_corrupt_store_inside_valid_seal_is_data_loss() -> None:
     vault = KeyVaultImpl(sealer=PlainSealer())
     with pytest.raises(RpcError) as err:
-        await vault.unseal(b"\x92\x07\x90")  # msgpack [7, []]: unknown store version
+        # msgpack [7, []]: unknown store version
+        await vault.unseal((1).to_bytes(8, "big") + b"\x92\x07\x90")
     assert err.value.status is Status.DATA_LOSS
 
 
 def test_blob_layout() -> None:
-    blob = SealedBlob.encrypt(bytes(32), b"kms-blob", b"payload")
-    magic, version, n = struct.unpack_from(">4sBH", blob)
-    assert (magic, version, n) == (b"VRKV", 1, 8)
-    assert blob[7:15] == b"kms-blob"
-    assert len(blob) == 7 + 8 + 12 + len(b"payload") + 16
+    blob = SealedBlob.encrypt(bytes(32), b"kms-blob", b"payload", 258)
+    magic, version, generation, n = struct.unpack_from(">4sBQH", blob)
+    assert (magic, version, generation, n) == (b"VRKV", 2, 258, 8)
+    assert blob[15:23] == b"kms-blob"
+    assert len(blob) == 15 + 8 + 12 + len(b"payload") + 16
     assert SealedBlob.parse(blob).decrypt(bytes(32)) == b"payload"
+    assert SealedBlob.parse(blob).generation == sealed_generation(blob) == 258
+    for bad in (0, 1 << 63):
+        with pytest.raises(SealedFormatError, match="generation"):
+            SealedBlob.encrypt(bytes(32), b"kms-blob", b"payload", bad)
+    with pytest.raises(ValueError, match="not a version 2"):
+        sealed_generation(blob[:12])
+
+
+ARN = "arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
 def test_sealer_from_env() -> None:
     assert sealer_from_env(object(), {}) is None
-    sealer = sealer_from_env(object(), {"VRPC_KMS_KEY_ID": "alias/x", "AWS_REGION": "eu-west-3"})
-    assert isinstance(sealer, KmsSealer)
+    sealer = sealer_from_env(object(), {"VRPC_KMS_KEY_ID": ARN})
+    assert isinstance(sealer, KmsSealer) and sealer.key_arn == ARN
+    mrk = "arn:aws:kms:us-east-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab"
+    assert isinstance(sealer_from_env(object(), {"VRPC_KMS_KEY_ID": mrk}), KmsSealer)
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        "alias/vrpc-keyvault",
+        "1234abcd-12ab-34cd-56ef-1234567890ab",
+        "arn:aws:kms:eu-west-3:111122223333:alias/vrpc-keyvault",
+        ARN + " ",
+        ARN.upper(),
+        ARN.replace("111122223333", "1111"),
+    ],
+)
+def test_only_a_full_key_arn_is_accepted_at_start(key_id: str) -> None:
+    with pytest.raises(KeyIdentityError, match="full key ARN"):
+        sealer_from_env(object(), {"VRPC_KMS_KEY_ID": key_id})
+
+
+def test_region_must_agree_with_the_arn() -> None:
+    env = {"VRPC_KMS_KEY_ID": ARN, "VRPC_KMS_REGION": "us-east-1"}
+    with pytest.raises(KeyIdentityError, match="eu-west-3"):
+        sealer_from_env(object(), env)
+
+
+@pytest.mark.parametrize("action", ["GenerateDataKey", "Decrypt"])
+async def test_reply_for_another_key_is_refused(
+    local_kms: LocalKms, test_attester: Any, action: str
+) -> None:
+    # Defence in depth: whatever answers, a reply naming another key seals/unseals nothing.
+    arn = local_kms.create_key()
+    other = local_kms.create_key()
+    vault = make_vault(local_kms, test_attester, arn)
+    await vault.create_key(KeyType.ED25519)
+    sealed = await vault.seal() if action == "Decrypt" else b""
+    local_kms.answer_key_id = other
+    target = make_vault(local_kms, test_attester, arn)
+    with pytest.raises(RpcError) as info:
+        await (target.unseal(sealed) if action == "Decrypt" else target.seal())
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert f"KMS answered for key {other!r}" in info.value.message
+    assert f"pinned to {arn!r}" in info.value.message
+    assert await target.list_keys() == []

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,12 +203,77 @@ async def test_key_material_is_not_in_repr(vault: KeyVaultImpl) -> None:
 
 
 def test_create_server_builds_a_vrpc_server(
-    test_attester: Any, monkeypatch: pytest.MonkeyPatch
+    test_attester: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from services.keyvault.impl import create_server
+    from vrpc.auth import CallerAuthenticator
     from vrpc.server import Server
 
+    callers = tmp_path / "callers.json"
+    public = base64.b64encode(bytes(32)).decode()  # any 32 bytes decode as an Ed25519 point
+    entry = {"key_id": "ops", "public_key": public, "roles": ["admin"]}
+    callers.write_text(json.dumps({"callers": [entry]}))
+    monkeypatch.setenv("VRPC_KEYVAULT_CALLERS", str(callers))
     monkeypatch.delenv("VRPC_KMS_KEY_ID", raising=False)
+    server = create_server(attester=test_attester)
+    assert isinstance(server, Server)
+    assert [type(i) for i in server.interceptors] == [CallerAuthenticator]
+    arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    monkeypatch.setenv("VRPC_KMS_KEY_ID", arn)
     assert isinstance(create_server(attester=test_attester), Server)
-    monkeypatch.setenv("VRPC_KMS_KEY_ID", "alias/vault")
-    assert isinstance(create_server(attester=test_attester), Server)
+    monkeypatch.setenv("VRPC_KMS_KEY_ID", "alias/vrpc-keyvault")
+    from services.keyvault.sealing import KeyIdentityError
+
+    with pytest.raises(KeyIdentityError, match="full key ARN"):
+        create_server(attester=test_attester)
+
+
+def test_create_server_refuses_to_start_without_trusted_callers(
+    test_attester: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from services.keyvault.impl import create_server
+
+    monkeypatch.delenv("VRPC_KMS_KEY_ID", raising=False)
+    monkeypatch.delenv("VRPC_KEYVAULT_CALLERS", raising=False)
+    with pytest.raises(ValueError, match="VRPC_KEYVAULT_CALLERS is not set"):
+        create_server(attester=test_attester)
+    monkeypatch.setenv("VRPC_KEYVAULT_CALLERS", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="cannot read the trusted callers file"):
+        create_server(attester=test_attester)
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"callers": []}')
+    monkeypatch.setenv("VRPC_KEYVAULT_CALLERS", str(empty))
+    with pytest.raises(ValueError, match="lists no caller"):
+        create_server(attester=test_attester)
+
+
+async def test_key_use_needs_a_signer_role_when_checked() -> None:
+    from vrpc.auth import Caller, _current
+
+    vault = KeyVaultImpl(check_key_use=True)
+    ed = await vault.create_key(KeyType.ED25519)
+    aes = await vault.create_key(KeyType.AES_256_GCM)
+    # No authenticated caller at all (a server built without the authenticator): refused.
+    await expect(Status.UNAUTHENTICATED, vault.sign(ed.key_id, b"m"), None)
+    token = _current.set(Caller("payments", frozenset({f"signer:{ed.key_id}"})))
+    try:
+        assert len(await vault.sign(ed.key_id, b"m")) == 64
+        err = await expect(Status.PERMISSION_DENIED, vault.encrypt(aes.key_id, b"m"), "key_id")
+        assert err.message == (
+            f"caller 'payments' may not encrypt with key {aes.key_id} "
+            f"(needs role signer:{aes.key_id})"
+        )
+        await expect(Status.PERMISSION_DENIED, vault.decrypt(aes.key_id, bytes(40)), "key_id")
+        # Public information needs no signer role.
+        other = await vault.create_key(KeyType.ED25519)
+        assert await vault.public_key(other.key_id)
+        assert not await vault.verify(other.key_id, b"m", bytes(64))
+        await expect(Status.PERMISSION_DENIED, vault.sign(other.key_id, b"m"), "key_id")
+    finally:
+        _current.reset(token)
+    token = _current.set(Caller("all", frozenset({"signer:*"})))
+    try:
+        ct = await vault.encrypt(aes.key_id, b"m")
+        assert await vault.decrypt(aes.key_id, ct) == b"m"
+    finally:
+        _current.reset(token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vrpc.demo import _inner
+from services.demo import _inner
 
 
 def test_demo_over_vsock(capsys: pytest.CaptureFixture[str], vsock_port: int) -> None:
