@@ -100,6 +100,20 @@ def test_describe_lists_services_and_signatures(
     assert "vrpc.health" in out
 
 
+def test_describe_shows_json_schemas(
+    served: str, insecure: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["describe", served, "--insecure-test-seed", SEED]) == 0
+    out = capsys.readouterr().out
+    assert 'arguments: {"size": {"type": "integer"}, "count": {"type": "integer"}}' in out
+    assert 'result: {"type": "object", "properties": {"$b64"' in out
+    assert main(["describe", served, "--insecure-test-seed", SEED, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    echo = {m["name"]: m for m in listing["echo.v1"]}["echo.v1.echo"]
+    assert echo["schema"]["arguments"]["required"] == ["data"]
+    assert echo["schema"]["result"]["required"] == ["$b64"]
+
+
 def test_unknown_method_is_unimplemented(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

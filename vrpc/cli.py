@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -126,11 +127,29 @@ async def _describe(args: argparse.Namespace) -> int:
         args.uri, timeout=args.timeout, connect_timeout=args.timeout, **_trust_kwargs(args)
     ) as client:
         services = await client.call("vrpc.reflection.list_services", [])
+    if args.json:
+        print(json.dumps(services, indent=2, sort_keys=True))
+        return 0
     for service in sorted(services):
         print(service)
+        types: dict[str, Any] = {}
         for method in services[service]:
             print(f"  {method['kind']:<14} {method['signature']}")
+            schema = method.get("schema") or {}
+            if "arguments" in schema:
+                print(f"  {'':<14}   arguments: {_compact(schema['arguments']['properties'])}")
+            if "request_items" in schema:
+                print(f"  {'':<14}   request items: {_compact(schema['request_items'])}")
+            if "result" in schema:
+                print(f"  {'':<14}   result: {_compact(schema['result'])}")
+            types.update(schema.get("$defs", {}))
+        for name in sorted(types):
+            print(f"  type {name}: {_compact(types[name])}")
     return 0
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "))
 
 
 async def _relay(args: argparse.Namespace) -> int:
@@ -177,8 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_client_options(call)
     call.set_defaults(func=_call, run_async=True)
 
-    describe = commands.add_parser("describe", help="list a server's services and methods")
+    describe = commands.add_parser(
+        "describe", help="list a server's services and methods with their JSON schemas"
+    )
     describe.add_argument("uri")
+    describe.add_argument("--json", action="store_true", help="the reflection listing as JSON")
     _add_client_options(describe)
     describe.set_defaults(func=_describe, run_async=True)
 
