@@ -1,5 +1,6 @@
 """The ``vrpc`` command line: ``serve`` as a real subprocess, ``call`` and ``describe`` in process
-against it, and the one-line errors (exit 1) for the usual mistakes."""
+against it, and the one-line errors for the usual mistakes (exit 2 for usage and input mistakes,
+1 for failures)."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def test_wrong_seed_is_refused(
 
 
 def test_bad_uri(insecure: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["call", "bogus://x", "echo.v1.echo", "--insecure-test-seed", SEED]) == 1
+    assert main(["call", "bogus://x", "echo.v1.echo", "--insecure-test-seed", SEED]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "bogus://x" in line and "unix://" in line
 
@@ -140,7 +141,7 @@ def test_bad_json_arguments(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["call", served, "echo.v1.echo", "--args", "[1", "--insecure-test-seed", SEED]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "--args is not valid JSON" in _one_error_line(capsys.readouterr().err)
 
 
@@ -148,7 +149,7 @@ def test_bad_base64_argument(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["call", served, "echo.v1.echo", "--args", '[{"$b64": "!!"}]']
-    assert main([*argv, "--insecure-test-seed", SEED]) == 1
+    assert main([*argv, "--insecure-test-seed", SEED]) == 2
     assert "invalid base64" in _one_error_line(capsys.readouterr().err)
 
 
@@ -171,7 +172,7 @@ def test_prod_client_without_a_policy_says_how_to_make_one(
 
 
 def test_serve_with_a_bad_target(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "services.echo", "--listen", "unix:///nonexistent/x.sock"]) == 1
+    assert main(["serve", "services.echo", "--listen", "unix:///nonexistent/x.sock"]) == 2
     assert "expected MODULE:ATTR" in _one_error_line(capsys.readouterr().err)
 
 
