@@ -147,9 +147,10 @@ def test_plugin_is_opt_in_and_says_what_is_missing(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "fixture 'vrpc_client' not found" in result.stdout
     # Enabled through the setting the entry point reads (the entry module loaded by hand here,
-    # as the installed entry point would load it): the missing vrpc_services is named.
+    # as the installed entry point would load it; `no:vrpc` keeps an installed one out of the
+    # way): the missing vrpc_services is named.
     (tmp_path / "pytest.ini").write_text("[pytest]\nvrpc_fixtures = true\n")
-    result = _run_pytest(tmp_path, "-p", "vrpc.testing._entry")
+    result = _run_pytest(tmp_path, "-p", "no:vrpc", "-p", "vrpc.testing._entry")
     assert result.returncode != 0
     assert "define a fixture named vrpc_services" in result.stdout + result.stderr
 
