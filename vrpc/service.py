@@ -26,6 +26,7 @@ import enum
 import inspect
 import textwrap
 import typing
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -118,8 +119,15 @@ class Service:
             cls.service_name = name
         elif not cls.service_name:
             cls.service_name = cls.__name__
+        bases = [b for b in cls.__bases__ if issubclass(b, Service)]
+        declares = any(hasattr(v, _RPC_ATTR) for v in vars(cls).values())
         try:
-            specs = describe_service(cls)
+            if not declares and name is None and len(bases) == 1:
+                # Only overrides (an implementation, a stub): the declarations are the base's,
+                # checked when it was defined.
+                specs = describe_service(bases[0])
+            else:
+                specs = describe_service(cls)
         except _UnresolvedHints:
             # A hint naming a class defined later in the module: resolvable only once the
             # module has loaded, so the check happens when a server or stub reads the class.
@@ -194,10 +202,22 @@ def _declaring_function(cls: type, attr: str) -> Callable[..., Any] | None:
     return None
 
 
+_described: weakref.WeakKeyDictionary[type, dict[str, MethodSpec]] = weakref.WeakKeyDictionary()
+
+
 def describe_service(cls: type[Service]) -> dict[str, MethodSpec]:
     """Read the ``@rpc`` methods of a service class (interface or implementation)."""
     if not (isinstance(cls, type) and issubclass(cls, Service)):
         raise InterfaceError(f"{cls!r} is not a vrpc.Service subclass")
+    # A class's methods are read once (classes are not changed after definition); stubs and
+    # servers built from it afterwards reuse the result. Callers get their own dict.
+    cached = _described.get(cls)
+    if cached is None:
+        cached = _described[cls] = _describe(cls)
+    return dict(cached)
+
+
+def _describe(cls: type[Service]) -> dict[str, MethodSpec]:
     service = cls.service_name
     methods: dict[str, MethodSpec] = {}
     attrs = {name for klass in cls.__mro__ for name in vars(klass)}
