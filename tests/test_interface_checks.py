@@ -233,3 +233,30 @@ def test_serving_the_interface_is_refused(attester: vrpc.InsecureTestAttester) -
     with pytest.raises(TypeError, match=r"Echo\.echo has no implementation"):
         vrpc.Server([Echo()], attester=attester)
     vrpc.Server([EchoImpl()], attester=attester)  # the implementation is accepted
+
+
+class Chores(vrpc.Service, name="chores.v1"):
+    @vrpc.rpc
+    async def noop(self) -> None:
+        pass
+
+    @vrpc.rpc
+    async def documented_noop(self) -> None:
+        """Nothing to do: the docstring alone is the body."""
+
+    @vrpc.rpc
+    async def later(self) -> int:
+        """Documented, but not written yet."""
+        ...
+
+
+def test_no_op_bodies_are_implementations_and_ellipsis_is_not(
+    attester: vrpc.InsecureTestAttester,
+) -> None:
+    from vrpc.service import has_implementation
+
+    assert has_implementation(Chores.noop)
+    assert has_implementation(Chores.documented_noop)
+    assert not has_implementation(Chores.later)
+    with pytest.raises(TypeError, match=r"Chores\.later has no implementation"):
+        vrpc.Server([Chores()], attester=attester)

@@ -152,8 +152,8 @@ def served_methods(service: Any) -> list[tuple[MethodSpec, Callable[..., Any]]]:
         handler = getattr(service, spec.attr)
         if not has_implementation(handler):
             raise InterfaceError(
-                f"{cls.__qualname__}.{spec.attr} has no implementation (its body is only `...`,"
-                f" `pass` or `raise NotImplementedError`): {cls.__qualname__} is an interface; "
+                f"{cls.__qualname__}.{spec.attr} has no implementation (its body is only `...` or"
+                " `raise NotImplementedError`): {cls.__qualname__} is an interface; "
                 "serve an instance of a subclass that implements its methods"
             )
         out.append((spec, handler_for(spec, handler)))

@@ -414,8 +414,9 @@ def _custom_type(info: Any, seen: set[int]) -> Any:
 
 
 def has_implementation(func: Any) -> bool:
-    """False when a method's body is only a docstring, ``...``, ``pass`` or
-    ``raise NotImplementedError``: an interface declaration, not something to serve."""
+    """False when a method's body (after its docstring) is only ``...`` or
+    ``raise NotImplementedError``: an interface declaration, not something to serve. A ``pass``
+    or docstring-only body is a legitimate no-op and counts as implemented."""
     func = getattr(func, "__func__", func)
     try:
         source = textwrap.dedent(inspect.getsource(func))
@@ -426,19 +427,17 @@ def has_implementation(func: Any) -> bool:
     if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
         return True
     body = list(node.body)
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]  # the docstring (or a lone `...`)
-    for stmt in body:
-        if isinstance(stmt, ast.Pass):
-            continue
-        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
-            continue
-        if isinstance(stmt, ast.Raise) and stmt.exc is not None:
-            exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
-            if isinstance(exc, ast.Name) and exc.id == "NotImplementedError":
-                continue
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    if len(body) != 1:
         return True
-    return False
+    stmt = body[0]
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+        return stmt.value.value is not Ellipsis
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return not (isinstance(exc, ast.Name) and exc.id == "NotImplementedError")
+    return True
 
 
 def _type_name(tp: Any) -> str:
