@@ -155,6 +155,49 @@ def test_plugin_is_opt_in_and_says_what_is_missing(tmp_path: Path) -> None:
     assert "define a fixture named vrpc_services" in result.stdout + result.stderr
 
 
+_MORE = """
+import pytest
+import vrpc
+
+pytestmark = pytest.mark.asyncio
+
+
+class Hello(vrpc.Service, name="hello.v1"):
+    @vrpc.rpc
+    async def hi(self) -> str:
+        return "hi"
+
+
+@pytest.fixture
+def vrpc_services() -> list[vrpc.Service]:
+    return [Hello()]
+
+
+@pytest.fixture
+def vrpc_server_options() -> dict[str, object]:
+    return {"reflection": False}
+
+
+async def test_options_reach_the_server(vrpc_client: vrpc.Client) -> None:
+    assert await vrpc_client.stub(Hello).hi() == "hi"
+    with pytest.raises(vrpc.RpcError) as info:
+        await vrpc_client.call("vrpc.reflection.list_services", [])
+    assert info.value.status is vrpc.Status.UNIMPLEMENTED
+
+
+async def test_serve_and_attester(vrpc_serve, vrpc_attester: vrpc.InsecureTestAttester) -> None:
+    async with vrpc_serve([Hello()], attester=vrpc_attester) as client:
+        assert client.peer_claims.module_id == vrpc_attester.module_id
+"""
+
+
+def test_the_other_fixtures(tmp_path: Path) -> None:
+    (tmp_path / "test_more.py").write_text(_MORE)
+    result = _run_pytest(tmp_path, "-p", "vrpc.testing.pytest_plugin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+
+
 def test_the_entry_point_is_declared() -> None:
     import tomllib
 
