@@ -7,10 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint typecheck unit test-vsock bench bench-quick soak clean
 
+# editable_mode=compat: the editable install is a plain path entry (.pth), not an import hook,
+# so type checkers (mypy, pyright) see vrpc from any folder, and new modules need no reinstall.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,10 +1,10 @@
 """Shared fixtures for the end-to-end tests: a vrpc server with the insecure test attester,
-reachable over each local transport (in-memory, Unix socket, loopback TCP)."""
+reachable over each local transport (in-memory, Unix socket, loopback TCP). Built on the
+shipped testing kit (vrpc.testing), so the suite exercises it too."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -15,14 +15,14 @@ import pytest
 import structlog
 
 import vrpc
+from vrpc.testing import client_for_tests, insecure_test_attester, server_for_tests
 
 _names = itertools.count()
 
 
-@functools.cache
 def test_attester() -> vrpc.InsecureTestAttester:
-    # Building the deterministic chain costs a few milliseconds: once per session is enough.
-    return vrpc.InsecureTestAttester(seed=b"tests")
+    # Built once per process by the kit (the deterministic chain costs a few milliseconds).
+    return insecure_test_attester(b"tests")
 
 
 @pytest.fixture
@@ -66,20 +66,17 @@ def uri(new_uri: Callable[[], str]) -> str:
 
 
 def client_for(uri: str, **options: Any) -> vrpc.Client:
-    att = test_attester()
-    return vrpc.connect(uri, policy=att.policy(), root=att.trust_root(), **options)
+    return client_for_tests(uri, attester=test_attester(), **options)
 
 
 @contextlib.asynccontextmanager
 async def serving(
     uri: str, services: Sequence[vrpc.Service], **server_options: Any
 ) -> AsyncIterator[vrpc.Server]:
-    server = vrpc.Server(list(services), attester=test_attester(), **server_options)
-    await server.start(uri)
-    try:
+    async with server_for_tests(
+        services, uri=uri, attester=test_attester(), **server_options
+    ) as server:
         yield server
-    finally:
-        await server.close(grace=0)
 
 
 @contextlib.asynccontextmanager

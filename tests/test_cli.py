@@ -1,5 +1,6 @@
 """The ``vrpc`` command line: ``serve`` as a real subprocess, ``call`` and ``describe`` in process
-against it, and the one-line errors (exit 1) for the usual mistakes."""
+against it, and the one-line errors for the usual mistakes (exit 2 for usage and input mistakes,
+1 for failures)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,20 @@ def test_describe_lists_services_and_signatures(
     assert "vrpc.health" in out
 
 
+def test_describe_shows_json_schemas(
+    served: str, insecure: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["describe", served, "--insecure-test-seed", SEED]) == 0
+    out = capsys.readouterr().out
+    assert 'arguments: {"size": {"type": "integer"}, "count": {"type": "integer"}}' in out
+    assert 'result: {"type": "object", "properties": {"$b64"' in out
+    assert main(["describe", served, "--insecure-test-seed", SEED, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    echo = {m["name"]: m for m in listing["echo.v1"]}["echo.v1.echo"]
+    assert echo["schema"]["arguments"]["required"] == ["data"]
+    assert echo["schema"]["result"]["required"] == ["$b64"]
+
+
 def test_unknown_method_is_unimplemented(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,7 +132,7 @@ def test_wrong_seed_is_refused(
 
 
 def test_bad_uri(insecure: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["call", "bogus://x", "echo.v1.echo", "--insecure-test-seed", SEED]) == 1
+    assert main(["call", "bogus://x", "echo.v1.echo", "--insecure-test-seed", SEED]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "bogus://x" in line and "unix://" in line
 
@@ -126,7 +141,7 @@ def test_bad_json_arguments(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["call", served, "echo.v1.echo", "--args", "[1", "--insecure-test-seed", SEED]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "--args is not valid JSON" in _one_error_line(capsys.readouterr().err)
 
 
@@ -134,7 +149,7 @@ def test_bad_base64_argument(
     served: str, insecure: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["call", served, "echo.v1.echo", "--args", '[{"$b64": "!!"}]']
-    assert main([*argv, "--insecure-test-seed", SEED]) == 1
+    assert main([*argv, "--insecure-test-seed", SEED]) == 2
     assert "invalid base64" in _one_error_line(capsys.readouterr().err)
 
 
@@ -157,7 +172,7 @@ def test_prod_client_without_a_policy_says_how_to_make_one(
 
 
 def test_serve_with_a_bad_target(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "services.echo", "--listen", "unix:///nonexistent/x.sock"]) == 1
+    assert main(["serve", "services.echo", "--listen", "unix:///nonexistent/x.sock"]) == 2
     assert "expected MODULE:ATTR" in _one_error_line(capsys.readouterr().err)
 
 

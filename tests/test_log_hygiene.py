@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
-from hostile_helpers import MARKER, RawSession, client, serving, sock_uri
+from hostile_helpers import MARKER, RawSession, attester, client, serving, sock_uri
 from structlog.testing import capture_logs
 
 import vrpc
@@ -60,7 +60,12 @@ def test_forms_catch_what_they_should() -> None:
         assert any(form in text for form in _forms(secret))
 
 
-async def test_no_payloads_or_keys_in_logs(tmp_path: Path) -> None:
+async def test_no_payloads_or_keys_in_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vrpc.attestation import _document
+
+    # As in a fresh process: the once-per-process insecure warnings are logged (and scanned) too.
+    monkeypatch.setattr(_document, "_warned_roots", set())
+    monkeypatch.setattr(attester(), "_warned", False)
     uri = sock_uri(tmp_path)
     vault = KeyVaultImpl()
     secrets: dict[str, bytes] = {"payload": MARKER}

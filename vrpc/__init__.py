@@ -27,7 +27,7 @@ from vrpc.exceptions import (
 )
 from vrpc.pool import Pool
 from vrpc.server import Server, ServerInterceptor
-from vrpc.service import Service, rpc
+from vrpc.service import InterfaceError, Service, rpc
 from vrpc.status import Status
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "ConnectError",
     "HandshakeError",
     "InsecureTestAttester",
+    "InterfaceError",
     "NsmAttester",
     "Peer",
     "Policy",

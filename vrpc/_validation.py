@@ -13,10 +13,10 @@ from typing import Any
 import msgspec
 
 from vrpc.exceptions import RpcError
-from vrpc.service import MethodSpec
+from vrpc.service import InterfaceError, MethodSpec, Service, describe_service, has_implementation
 from vrpc.status import Status
 
-__all__ = ["ArgumentBinder", "converter_for"]
+__all__ = ["ArgumentBinder", "converter_for", "handler_for", "served_methods"]
 
 _EXACT = (bytes, str, int, bool)
 
@@ -57,7 +57,11 @@ class ArgumentBinder:
         self._names = [p.name for p in spec.params]
         self._converters = [converter_for(p.annotation) for p in spec.params]
         self._defaults = [p.default for p in spec.params]
-        self._required = sum(1 for p in spec.params if not p.has_default)
+        # The wire list is positional: every parameter up to the last one without a default
+        # must be present (a keyword-only one without a default may follow optional ones).
+        self._required = max(
+            (i + 1 for i, p in enumerate(spec.params) if not p.has_default), default=0
+        )
         # When every parameter is a plain bytes/str/int/bool, a full argument list whose values
         # have exactly those types needs no conversion at all: the common case, checked first.
         exact = [p.annotation for p in spec.params]
@@ -78,9 +82,10 @@ class ArgumentBinder:
                 if self._required == len(self._names)
                 else f"{self._required} to {len(self._names)}"
             )
+            noun = "argument" if expected == "1" else "arguments"
             raise RpcError(
                 Status.INVALID_ARGUMENT,
-                f"{self._spec.full_name} takes {expected} arguments, got {count}",
+                f"{self._spec.full_name} takes {expected} {noun}, got {count}",
             )
         out = []
         for i, value in enumerate(args):
@@ -96,3 +101,72 @@ class ArgumentBinder:
         if count < len(self._names):
             out.extend(self._defaults[count:])
         return out
+
+
+def handler_for(spec: MethodSpec, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler`` made callable with the bound argument list (the streaming parameter last).
+
+    Most handlers take that list positionally as it is. Keyword-only parameters, and a
+    streaming parameter declared before others, need the list spread back into the
+    declaration's shape: only those methods pay for the extra call.
+    """
+    positional = [p.name for p in spec.params if not p.keyword_only]
+    keywords = [p.name for p in spec.params if p.keyword_only]
+    stream_last = spec.stream_position is None or spec.stream_position == len(positional)
+    if not keywords and stream_last:
+        return handler
+    count = len(positional)
+    where = spec.stream_position
+    has_stream = spec.stream_param is not None
+
+    def spread(*args: Any) -> Any:
+        values = list(args)
+        stream = values.pop() if has_stream else None
+        head = values[:count]
+        if has_stream:
+            head.insert(where if where is not None else count, stream)
+        return handler(*head, **dict(zip(keywords, values[count:], strict=True)))
+
+    return spread
+
+
+def served_methods(service: Any) -> list[tuple[MethodSpec, Callable[..., Any]]]:
+    """The methods of a service instance a server can dispatch to, each with its handler.
+
+    Refuses what would otherwise fail at every call: a class instead of an instance, and an
+    interface whose methods have no body (``...``) instead of an implementation.
+    """
+    if isinstance(service, type):
+        name = service.__qualname__
+        raise InterfaceError(
+            f"Server takes service instances, not the class {name}, which is an interface: "
+            f"pass an instance of a subclass that implements its methods"
+            if _is_interface(service)
+            else f"Server takes service instances, not the class {name}: pass {name}()"
+        )
+    if not isinstance(service, Service):
+        raise InterfaceError(f"{service!r} is not a vrpc.Service instance")
+    cls = type(service)
+    out = []
+    for spec in describe_service(cls).values():
+        handler = getattr(service, spec.attr)
+        if not has_implementation(handler):
+            raise InterfaceError(
+                f"{cls.__qualname__}.{spec.attr} has no implementation (its body is only `...` or"
+                " `raise NotImplementedError`): {cls.__qualname__} is an interface; "
+                "serve an instance of a subclass that implements its methods"
+            )
+        out.append((spec, handler_for(spec, handler)))
+    return out
+
+
+def _is_interface(cls: type) -> bool:
+    if not issubclass(cls, Service):
+        return False
+    try:
+        specs = describe_service(cls)
+    except TypeError:
+        return False
+    return bool(specs) and not any(
+        has_implementation(getattr(cls, spec.attr)) for spec in specs.values()
+    )

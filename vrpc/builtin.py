@@ -71,6 +71,9 @@ class MethodInfo:
     kind: str
     signature: str
     idempotent: bool
+    # JSON Schema of the arguments (an object, one property per parameter in declaration
+    # order), the result and any streamed request items (vrpc._schema.method_schema).
+    schema: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class ReflectionApi(Service, name="vrpc.reflection"):
@@ -86,14 +89,25 @@ class ReflectionApi(Service, name="vrpc.reflection"):
 class Reflection(ReflectionApi):
     def __init__(self, server: ServerView) -> None:
         self._server = server
+        self._listing: dict[str, list[MethodInfo]] | None = None
 
     async def list_services(self) -> dict[str, list[MethodInfo]]:
-        out: dict[str, list[MethodInfo]] = {}
-        for spec in self._server.methods.values():
-            out.setdefault(spec.service, []).append(
-                MethodInfo(spec.full_name, spec.kind.value, spec.signature, spec.idempotent)
-            )
-        return out
+        if self._listing is None:  # the methods never change: build the listing once
+            from vrpc._schema import method_schema
+
+            out: dict[str, list[MethodInfo]] = {}
+            for spec in self._server.methods.values():
+                out.setdefault(spec.service, []).append(
+                    MethodInfo(
+                        spec.full_name,
+                        spec.kind.value,
+                        spec.signature,
+                        spec.idempotent,
+                        method_schema(spec),
+                    )
+                )
+            self._listing = out
+        return self._listing
 
     async def metrics(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
 """``vrpc attest``: verify, inspect and build policies for Nitro attestation documents.
 
 ``add_attest_parser(subparsers)`` adds the ``attest`` command to the ``vrpc`` CLI; each
-subcommand sets ``func(args) -> int`` (the exit code).
+subcommand sets ``func(args) -> int`` (the exit code: 0 valid, 1 not valid, 2 for a usage or
+input mistake such as a file that cannot be read).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def _fail(args: argparse.Namespace, reason: str, exc: BaseException | None = Non
     else:
         print(f"INVALID: {kind}: {reason}", file=sys.stderr)
     return 1
+
+
+def _unreadable(path: str, exc: OSError) -> int:
+    # Not a verdict on the document: there is none to judge.
+    print(f"vrpc: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+    return 2
 
 
 def _read_document(path: str) -> bytes:
@@ -76,12 +83,13 @@ def _summary(claims: Claims) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         document = _read_document(args.file)
+        root_pem = None if args.root is None else Path(args.root).read_bytes()
     except OSError as exc:
-        return _fail(args, f"cannot read {args.file}: {exc.strerror or exc}", exc)
+        return _unreadable(exc.filename or args.file, exc)
     try:
         root = AWS_NITRO_ROOT
-        if args.root is not None:
-            root = TrustRoot.insecure_test(Path(args.root).read_bytes())
+        if root_pem is not None:
+            root = TrustRoot.insecure_test(root_pem)
         if args.at_document_time:
             now = _parse_unverified(document).timestamp
         elif args.at is not None:
@@ -112,7 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         claims = _parse_unverified(_read_document(args.file))
     except OSError as exc:
-        return _fail(args, f"cannot read {args.file}: {exc.strerror or exc}", exc)
+        return _unreadable(args.file, exc)
     except AttestationError as exc:
         return _fail(args, str(exc), exc)
     print("NOT VERIFIED (inspection only; use `vrpc attest verify`)")
@@ -162,6 +170,8 @@ def _measurements(path: str) -> Any:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
+    if not Path(args.measurements).is_file():
+        return _unreadable(args.measurements, FileNotFoundError(2, "No such file"))
     try:
         policy = Policy.from_measurements(_measurements(args.measurements))
         pcrs = policy.pcrs
@@ -194,12 +204,52 @@ def _indices(text: str) -> list[int]:
     return indices
 
 
-def add_attest_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add ``attest verify|inspect|policy`` to the ``vrpc`` command line."""
-    attest = subparsers.add_parser("attest", help="verify and inspect Nitro attestation documents")
-    commands = attest.add_subparsers(dest="attest_command", required=True, metavar="COMMAND")
+def cmd_test_root(args: argparse.Namespace) -> int:
+    from vrpc.attestation import InsecureTestAttester
 
-    verify = commands.add_parser("verify", help="verify a document (exit 0 valid, 1 not)")
+    attester = InsecureTestAttester(seed=args.seed.encode())
+    outputs: list[tuple[str | None, str]] = [
+        (args.root_out, attester.root_pem.decode()),
+        (args.policy_out, attester.policy().dump() + "\n"),
+    ]
+    printed = []
+    for path, text in outputs:
+        if path is None:
+            printed.append(text)
+            continue
+        try:
+            Path(path).write_text(text)
+        except OSError as exc:
+            print(f"vrpc: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    sys.stdout.write("".join(printed))
+    return 0
+
+
+def add_attest_parser(
+    subparsers: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser] = ()
+) -> None:
+    """Add ``attest verify|inspect|policy|test-root`` to the ``vrpc`` command line."""
+    attest = subparsers.add_parser(
+        "attest", parents=list(parents), help="verify and inspect Nitro attestation documents"
+    )
+    commands = attest.add_subparsers(dest="attest_command", required=True, metavar="COMMAND")
+    parents = list(parents)
+
+    test_root = commands.add_parser(
+        "test-root",
+        parents=parents,
+        help="print the INSECURE test root (PEM) and policy (JSON) of a seed, so clients can "
+        "trust `vrpc serve --insecure-test-attester --seed SEED`",
+    )
+    test_root.add_argument("--seed", required=True, help="the seed the server was given")
+    test_root.add_argument("--root-out", metavar="PATH", help="write the PEM here instead")
+    test_root.add_argument("--policy-out", metavar="PATH", help="write the policy here instead")
+    test_root.set_defaults(func=cmd_test_root)
+
+    verify = commands.add_parser(
+        "verify", parents=parents, help="verify a document (exit 0 valid, 1 not)"
+    )
     verify.add_argument("file", help="attestation document (raw COSE_Sign1 bytes)")
     when = verify.add_mutually_exclusive_group()
     when.add_argument("--at", metavar="ISO8601", help="verify at this time (default: now)")
@@ -223,12 +273,15 @@ def add_attest_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=cmd_verify)
 
-    inspect = commands.add_parser("inspect", help="print a document's fields (no verification)")
+    inspect = commands.add_parser(
+        "inspect", parents=parents, help="print a document's fields (no verification)"
+    )
     inspect.add_argument("file")
     inspect.set_defaults(func=cmd_inspect)
 
     policy = commands.add_parser(
         "policy",
+        parents=parents,
         help="policy JSON from `nitro-cli describe-eif` / build-enclave / describe-enclaves output",
     )
     policy.add_argument(

@@ -21,7 +21,7 @@ from typing import Any, Protocol, assert_never
 import structlog
 
 from vrpc._shell import BARE_CONTEXT, EndpointProtocol, FlowGate, monotonic
-from vrpc._validation import ArgumentBinder
+from vrpc._validation import ArgumentBinder, served_methods
 from vrpc._verify import handshake_verifier
 from vrpc.attestation import Verifier
 from vrpc.context import CallContext, Peer, _current
@@ -47,7 +47,7 @@ from vrpc.proto.events import (
     StreamEnded,
 )
 from vrpc.proto.handshake import Alert, ServerHandshake
-from vrpc.service import MethodSpec, Service, describe_service
+from vrpc.service import MethodSpec, Service
 from vrpc.status import Status
 from vrpc.transport import Listener, create_server
 
@@ -533,10 +533,10 @@ class Server:
             self._services.append(Reflection(self))
         self._methods: dict[str, _Method] = {}
         for service in self._services:
-            for spec in describe_service(type(service)).values():
+            for spec, handler in served_methods(service):
                 if spec.full_name in self._methods:
                     raise ValueError(f"{spec.full_name} is served twice")
-                self._methods[spec.full_name] = _Method(spec, getattr(service, spec.attr))
+                self._methods[spec.full_name] = _Method(spec, handler)
         self._listeners: list[Listener] = []
         self._connections: set[_ServerConnection] = set()
         self._in_flight = 0

@@ -81,8 +81,10 @@ def test_verify_json_success(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_verify_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["verify", str(tmp_path / "absent.cbor")]) == 1
-    assert "cannot read" in capsys.readouterr().err
+    # Not a verdict on a document: an input mistake (exit 2), one `vrpc:` line.
+    assert main(["verify", str(tmp_path / "absent.cbor")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vrpc: cannot read") and "INVALID" not in err
 
 
 def test_verify_with_test_root(
@@ -130,7 +132,7 @@ def test_policy_from_measurements(tmp_path: Path, capsys: pytest.CaptureFixture[
     out.write_text(capsys.readouterr().out)
     policy = Policy.load(out)
     assert sorted(policy.pcrs) == [0, 1, 2, 8] and policy.max_age == 60
-    assert main(["policy", str(tmp_path / "absent.json")]) == 1
+    assert main(["policy", str(tmp_path / "absent.json")]) == 2
 
 
 def test_module_entry_point() -> None:

@@ -193,16 +193,31 @@ def test_refuses_to_run_where_dev_nsm_exists(tmp_path: Path) -> None:
         InsecureTestAttester(nsm_path=str(device))
 
 
-def test_construction_and_use_log_warnings(opt_in: None) -> None:
+def test_warnings_once_per_attester_and_once_per_root(
+    opt_in: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vrpc.attestation import _document
+
+    monkeypatch.setattr(_document, "_warned_roots", set())  # as in a fresh process
+    now = datetime.now(UTC)
     with structlog.testing.capture_logs() as logs:
         attester = InsecureTestAttester(seed=SEED, nsm_path=NO_NSM)
         verifier = Verifier(attester.policy(), attester.trust_root())
+        assert logs == []  # building it (a client learning the root) attests nothing
         document = attester.attest()
-        verifier.verify(document, now=datetime.now(UTC))
-        verifier.verify(document, now=datetime.now(UTC))
-    warnings = [e for e in logs if e["log_level"] == "warning"]
-    assert len(warnings) == 3
-    assert all("INSECURE" in e["event"] for e in warnings)
+        attester.attest()
+        verifier.verify(document, now=now)
+        verifier.verify(document, now=now)
+        Verifier(attester.policy(), attester.trust_root()).verify(document, now=now)
+        other = InsecureTestAttester(seed=b"other", nsm_path=NO_NSM)
+        Verifier(other.policy(), other.trust_root()).verify(other.attest(), now=now)
+    events = [e["event"].split(":")[0] for e in logs if e["log_level"] == "warning"]
+    assert events == [
+        "INSECURE test attester in use",
+        "INSECURE test attestation root in use",
+        "INSECURE test attester in use",
+        "INSECURE test attestation root in use",
+    ]
 
 
 def test_seed_makes_the_root_deterministic(attester: InsecureTestAttester) -> None:

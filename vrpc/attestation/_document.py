@@ -453,6 +453,9 @@ def _verify_signature(
         ) from None
 
 
+_warned_roots: set[str] = set()
+
+
 def verify_document(document: bytes, *, now: datetime, root: TrustRoot = AWS_NITRO_ROOT) -> Claims:
     """Check structure, chain (at ``now``) and signature; return the claims. No policy here.
 
@@ -461,7 +464,9 @@ def verify_document(document: bytes, *, now: datetime, root: TrustRoot = AWS_NIT
     """
     if now.tzinfo is None:
         raise LocalProtocolError("verify_document: now must be a timezone-aware datetime")
-    if root.insecure:
+    if root.insecure and root.fingerprint not in _warned_roots:
+        # Once per root per process: a warning on every handshake would drown the log.
+        _warned_roots.add(root.fingerprint)
         _log.warning(
             "INSECURE test attestation root in use: documents are not from a Nitro enclave",
             root_fingerprint=root.fingerprint,

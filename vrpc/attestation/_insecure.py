@@ -104,10 +104,9 @@ class InsecureTestAttester:
                 f"refusing to create an insecure test attester: {nsm_path} exists, "
                 "so this is a real enclave and must attest with NsmAttester"
             )
-        _log.warning(
-            "INSECURE test attester created: its documents prove nothing about the code running",
-            debug=debug,
-        )
+        # Warned at the first document, not here: a client that builds an attester only to
+        # learn its root (to trust a dev server) attests nothing.
+        self._warned = False
         chosen = dict(DEFAULT_TEST_PCRS if pcrs is None else pcrs)
         if debug:
             chosen.update({i: bytes(48) for i in (0, 1, 2)})
@@ -237,6 +236,13 @@ class InsecureTestAttester:
         for name, value in (("user_data", user_data), ("nonce", nonce), ("public_key", public_key)):
             if value is not None and len(value) > _MAX_FIELD:
                 raise NsmError(f"NSM refused Attestation: InvalidArgument ({name} too long)")
+        if not self._warned:
+            self._warned = True
+            _log.warning(
+                "INSECURE test attester in use: its documents prove nothing about the code running",
+                debug=self.debug,
+                module_id=self.module_id,
+            )
         timestamp_ms = time.time_ns() // 1_000_000
         now = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
         key, leaf_der = self._current_leaf(now)

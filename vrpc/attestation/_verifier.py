@@ -17,7 +17,8 @@ class Verifier:
     ``verify`` runs, in order: :func:`verify_document` (size, structure, headers, payload,
     chain at ``now``, signature), :meth:`Policy.check` (PCRs, debug mode, module id, freshness),
     then :func:`check_bindings`. Any failure raises an AttestationError subclass; nothing is
-    returned for a document that fails any step. With an insecure root every call logs a warning.
+    returned for a document that fails any step. The first verification against each insecure
+    root in a process logs a warning.
     """
 
     def __init__(self, policy: Policy, root: TrustRoot = AWS_NITRO_ROOT) -> None:
