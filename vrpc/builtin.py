@@ -67,6 +67,11 @@ class ReflectionApi(Service, name="vrpc.reflection"):
     async def metrics(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    @rpc(idempotent=True)
+    async def prometheus(self) -> str:
+        """The metrics in Prometheus' text exposition format (``vrpc metrics`` relays it)."""
+        raise NotImplementedError
+
 
 class Reflection(ReflectionApi):
     def __init__(self, server: Server) -> None:
@@ -86,3 +91,8 @@ class Reflection(ReflectionApi):
             "calls_in_flight": self._server.calls_in_flight,
             "methods": self._server.metrics.snapshot(),
         }
+
+    async def prometheus(self) -> str:
+        from vrpc.prometheus import render_server
+
+        return render_server(self._server)

@@ -137,14 +137,17 @@ class _ServerConnection(ShellProtocol):
         server = self.server
         if len(server._connections) >= server.max_connections or not server._accepting:
             log.warning("connection refused", peer=self.peer_address, reason="connection limit")
+            server.metrics.connection_refused("limit" if server._accepting else "draining")
             self.closed = True
             assert self.transport is not None
             self.transport.abort()
             return
         server._connections.add(self)
+        server.metrics.connection_accepted()
 
     def on_established(self) -> None:
         self.peer = Peer(self.peer_address, self.peer_claims, self.mode, self.channel_binding)
+        self.server.metrics.handshake_completed(self.mode, monotonic() - self.opened_at)
         log.info("connection open", peer=self.peer_address, mode=self.mode)
         if self.server._draining:
             self.conn.goaway("server is shutting down")
@@ -162,7 +165,13 @@ class _ServerConnection(ShellProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def handshake_failed(self, exc: Exception) -> None:
+        self.server.metrics.handshake_failed(exc)
+        super().handshake_failed(exc)
+
     def on_connection_lost(self, exc: Exception | None, truncated: bool) -> None:
+        if self.lost_in_handshake and self in self.server._connections:
+            self.server.metrics.handshake_failed("connection_lost")
         self.server._connections.discard(self)
         for call_id, task in list(self.tasks.items()):
             self.cancel_task(call_id, task)
