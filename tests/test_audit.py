@@ -319,3 +319,34 @@ def test_a_torn_last_line_is_flagged_and_the_trail_goes_on(
     assert [r.ok for r in results] == [True, True, False, True]
     assert results[2].detail == "unreadable entry"
     assert results[3].seq == 3
+
+
+def test_an_entry_recorded_as_refused_that_verifies_fails(
+    attester: vrpc.InsecureTestAttester, tmp_path: Path
+) -> None:
+    directory = tmp_path / "audit"
+    _record(AuditTrail(directory, fsync=False), attester, 1)
+    (entry,) = entries(directory)
+    entry.update(verdict="refused", error="PolicyViolation: made up")
+    segment = directory / "audit-000001.jsonl"
+    segment.write_text(json.dumps(entry, separators=(",", ":"), sort_keys=True) + "\n")
+    (result,) = verify_trail(directory, insecure_root=attester.trust_root())
+    assert not result.ok and result.detail == "recorded as refused, but the document verifies"
+
+
+def test_json_output_is_one_object_per_entry(
+    attester: vrpc.InsecureTestAttester,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    keep_structlog_config: None,
+) -> None:
+    directory = tmp_path / "audit"
+    _record(AuditTrail(directory, fsync=False), attester, 2)
+    capsys.readouterr()
+    code, out = audit_cli(directory, capsys, "--json", "--insecure-test-seed", SEED)
+    assert code == 0
+    objects = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(o["seq"], o["status"], o["peer"]) for o in objects] == [
+        (1, "ok", "vsock://16:5000"),
+        (2, "ok", "vsock://16:5000"),
+    ]

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,13 @@ async def test_scrape_through_the_host_relay_finds_the_calls_made(
                 await stub.denied()
         async with metrics_relay(uri, "--insecure-test-seed", "tests") as port:
             status, text = await http_get(port)
+            _, second = await http_get(port)
     assert status == 200
+    # One call per scrape, over the session the relay keeps between scrapes.
+    again = parse(second)
+    scrape = {"method": "vrpc.reflection.prometheus", "status": "OK"}
+    assert value(again, "vrpc_server_calls_total", **scrape) == 1
+    assert value(again, "vrpc_server_handshakes_total", mode="dev-insecure") == 2
     samples = parse(text)
     assert value(samples, "vrpc_enclave_up") == 1
     assert value(samples, "vrpc_server_calls_total", method="counted.v1.ok", status="OK") == 3
@@ -327,6 +334,13 @@ def test_reasons_are_a_small_fixed_set() -> None:
     assert handshake_failure_reason(HandshakeError("client Finished MAC is invalid")) == (
         "finished_invalid"
     )
+    for message, reason in (
+        ("client asked for an unknown service", "unknown_service"),
+        ("mutual attestation required by the server", "mutual_refused"),
+        ("client mode 'prod' does not match server mode 'dev-insecure'", "mode_refused"),
+        ("peer aborted the handshake (attestation_refused)", "peer_attestation_refused"),
+    ):
+        assert handshake_failure_reason(HandshakeError(message)) == reason
     # Free text from a peer never becomes a label.
     assert handshake_failure_reason(RemoteProtocolError("evil\nlabel")) == "protocol_error"
     assert handshake_failure_reason(HandshakeError("whatever the peer said")) == "protocol_error"
@@ -345,3 +359,33 @@ def test_label_values_are_escaped() -> None:
     samples = parse(text)
     name = 'odd\\"name\\\\with\\nnewline'
     assert value(samples, "vrpc_server_calls_total", method=name, status="UNIMPLEMENTED") == 1
+
+
+class Blocking(vrpc.Service, name="blocking.v1"):
+    @vrpc.rpc
+    async def block(self, seconds: float) -> None: ...
+
+
+class BlockingImpl(Blocking):
+    async def block(self, seconds: float) -> None:
+        time.sleep(seconds)  # noqa: ASYNC251 - the mistake the counter is there to reveal
+
+
+async def test_a_blocked_event_loop_is_counted(
+    serve: Serve, uri_on: Callable[[str, Path], str], tmp_path: Path
+) -> None:
+    uri = uri_on("unix", tmp_path)
+    async with serve(uri, [BlockingImpl()], {"loop_lag_warning": 0.02}) as (_, client):
+        await client.stub(Blocking).block(0.15)
+        text = await client.call("vrpc.reflection.prometheus", [])
+    assert value(parse(text), "vrpc_server_event_loop_blocked_total") >= 1
+
+
+async def test_without_reflection_there_is_no_exposition(
+    serve: Serve, uri_on: Callable[[str, Path], str], tmp_path: Path
+) -> None:
+    uri = uri_on("unix", tmp_path)
+    async with serve(uri, [CountedImpl()], {"reflection": False}) as (_, client):
+        with pytest.raises(vrpc.RpcError) as missing:
+            await client.call("vrpc.reflection.prometheus", [])
+    assert missing.value.status is vrpc.Status.UNIMPLEMENTED
