@@ -204,3 +204,22 @@ async def test_a_hostile_traceparent_is_ignored(
     spans = server_spans.get_finished_spans()
     assert len(spans) == 3
     assert all(s.parent is None for s in spans)
+
+
+class Deny:
+    async def __call__(self, ctx: vrpc.CallContext, call_next: Callable[[], Any]) -> Any:
+        raise vrpc.RpcError(vrpc.Status.UNAUTHENTICATED, "no token")
+
+
+async def test_tracing_first_sees_calls_a_later_interceptor_denies(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path, tracing: Any
+) -> None:
+    _, server_spans, _, server_tracing = tracing
+    async with serve(
+        uri_on("unix", tmp_path), [TracedImpl()], {"interceptors": [server_tracing, Deny()]}
+    ) as (_, client):
+        with pytest.raises(vrpc.RpcError):
+            await client.stub(Traced).echo("x")
+    span = _only(server_spans, "traced.v1/echo")
+    assert span.status.description == "UNAUTHENTICATED"
+    assert (span.attributes or {})[STATUS_CODE_ATTRIBUTE] == 16

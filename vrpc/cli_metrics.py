@@ -99,7 +99,10 @@ class MetricsHttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        # limit bounds what readuntil buffers: a longer request head is refused, not read.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=_MAX_HEAD
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
