@@ -14,6 +14,7 @@ from vrpc.attestation import (
     TrustRoot,
     Verifier,
 )
+from vrpc.audit import AuditTrail
 from vrpc.client import Client, ClientInterceptor, connect
 from vrpc.context import CallContext, CallOptions, Peer, call_options, current_call
 from vrpc.exceptions import (
@@ -33,6 +34,7 @@ from vrpc.status import Status
 __all__ = [
     "AWS_NITRO_ROOT",
     "AttestationError",
+    "AuditTrail",
     "CallContext",
     "CallOptions",
     "Claims",

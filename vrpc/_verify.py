@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from vrpc.attestation import Claims, Verifier
+
+if TYPE_CHECKING:
+    from vrpc.audit import AuditTrail
 
 __all__ = ["HandshakeVerify", "handshake_verifier"]
 
 HandshakeVerify = Callable[..., Claims]
 
 
-def handshake_verifier(verifier: Verifier) -> HandshakeVerify:
-    """``verify(document, *, nonce, public_key, user_data, now)`` for the handshake.
+def handshake_verifier(
+    verifier: Verifier, *, audit: AuditTrail | None = None, peer: str = ""
+) -> HandshakeVerify:
+    """``verify(document, *, nonce, public_key, user_data, now)`` for the handshake; with
+    ``audit``, every verdict is also recorded there (``peer`` names the address in the entry).
 
     Raises PolicyViolation at once (fail closed) when the verifier's policy does not pin an
     enclave image (:meth:`Policy.require_pins`), under a test root too: a policy that accepts any
@@ -39,4 +46,6 @@ def handshake_verifier(verifier: Verifier) -> HandshakeVerify:
             user_data=user_data,
         )
 
+    if audit is not None:
+        return audit.wrap(verify, verifier, peer=peer)
     return verify

@@ -26,6 +26,9 @@ class ServerView(Protocol):
     @property
     def calls_in_flight(self) -> int: ...
 
+    @property
+    def loop_stalls(self) -> int: ...
+
 
 __all__ = ["Health", "HealthApi", "MethodInfo", "Reflection", "ReflectionApi"]
 
@@ -85,6 +88,11 @@ class ReflectionApi(Service, name="vrpc.reflection"):
     async def metrics(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    @rpc(idempotent=True)
+    async def prometheus(self) -> str:
+        """The metrics in Prometheus' text exposition format (``vrpc metrics`` relays it)."""
+        raise NotImplementedError
+
 
 class Reflection(ReflectionApi):
     def __init__(self, server: ServerView) -> None:
@@ -115,3 +123,8 @@ class Reflection(ReflectionApi):
             "calls_in_flight": self._server.calls_in_flight,
             "methods": self._server.metrics.snapshot(),
         }
+
+    async def prometheus(self) -> str:
+        from vrpc.prometheus import render_server
+
+        return render_server(self._server)

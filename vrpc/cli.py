@@ -424,6 +424,9 @@ def _parser() -> argparse.ArgumentParser:
     from vrpc.cli_attest import add_attest_parser
 
     add_attest_parser(commands, parents=[logs])
+    from vrpc.cli_metrics import add_metrics_parser
+
+    add_metrics_parser(commands, _add_client_options)
     return parser
 
 

@@ -299,6 +299,10 @@ def add_attest_parser(
     policy.add_argument("--module-id-prefix", default=None)
     policy.set_defaults(func=cmd_policy)
 
+    from vrpc.cli_audit import add_audit_parser
+
+    add_audit_parser(commands)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``attest`` on its own: ``python -m vrpc.attestation verify FILE ...``."""

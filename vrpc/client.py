@@ -325,6 +325,7 @@ class Client:
         max_send_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_receive_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         interceptors: list[ClientInterceptor] | None = None,
+        audit: Any = None,
     ) -> None:
         self.uri = str(parse_address(uri))
         self.plaintext = plaintext
@@ -332,6 +333,8 @@ class Client:
         if plaintext:
             if policy is not None:
                 raise ValueError("plaintext=True cannot verify a policy: choose one")
+            if audit is not None:
+                raise ValueError("plaintext=True has no attestation to audit")
             self.mode = "plaintext"
             log.warning("plaintext session requested: NO encryption, NO attestation", uri=uri)
         else:
@@ -358,6 +361,7 @@ class Client:
         self.max_send_message_size = max_send_message_size
         self.max_receive_message_size = max_receive_message_size
         self.interceptors = list(interceptors or ())
+        self.audit = audit  # a vrpc.AuditTrail recording every attestation verdict
         self._proto: _ClientConnection | None = None
         self._connecting: asyncio.Lock | None = None
         self._retired: set[_ClientConnection] = set()
@@ -371,7 +375,9 @@ class Client:
     def _new_handshake(self) -> ClientHandshake:
         return ClientHandshake(
             mode=self.mode,
-            verify=None if self._verifier is None else handshake_verifier(self._verifier),
+            verify=None
+            if self._verifier is None
+            else handshake_verifier(self._verifier, audit=self.audit, peer=self.uri),
             service=self.service,
             mutual=self.mutual_attester is not None,
         )

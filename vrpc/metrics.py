@@ -1,4 +1,5 @@
-"""Per-method call counters and latency histograms (no payloads, no keys: names and numbers)."""
+"""Per-method call counters and latency histograms, plus connection, handshake and attestation
+counters (no payloads, no keys: names and numbers). ``vrpc.prometheus`` renders them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,79 @@ import dataclasses
 
 from vrpc.status import Status
 
-__all__ = ["BUCKETS_MS", "MethodMetrics", "Metrics"]
+__all__ = [
+    "BUCKETS_MS",
+    "HANDSHAKE_BUCKETS_S",
+    "MethodMetrics",
+    "Metrics",
+    "handshake_failure_reason",
+]
 
 # Upper bounds in milliseconds; the last bucket is everything slower.
 BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+# Handshake durations in seconds (attestation by /dev/nsm dominates them inside an enclave).
+HANDSHAKE_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
+
+# Alert names a peer may abort a handshake with (vrpc.proto.handshake.Alert), lower case.
+_PEER_ALERTS = frozenset(
+    {
+        "bad_message",
+        "mode_refused",
+        "unknown_service",
+        "mutual_refused",
+        "attestation_refused",
+        "finished_invalid",
+        "internal_error",
+    }
+)
+
+
+# The server's own refusals, by a fragment of the HandshakeError message they raise.
+_HANDSHAKE_MESSAGES = (
+    ("client asked for plaintext", "mode_refused"),
+    ("does not match server mode", "mode_refused"),
+    ("unknown service", "unknown_service"),
+    ("mutual attestation", "mutual_refused"),
+    ("Finished MAC is invalid", "finished_invalid"),
+)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A short label for why a handshake failed, from a fixed, small set (safe as a metric
+    label: never free text from the peer).
+
+    Attestation errors keep their class (``policy_violation``, ``signature_invalid``, ...);
+    ``attester_error`` is this server's own attester failing (e.g. /dev/nsm), ``timeout`` the
+    handshake deadline, ``peer_<alert>`` the peer aborting with an alert
+    (``peer_attestation_refused``: a client refused this enclave's document), ``mode_refused``,
+    ``unknown_service``, ``mutual_refused`` and ``finished_invalid`` this server's refusals,
+    ``protocol_error`` anything else malformed.
+    """
+    from vrpc.exceptions import AttestationError, HandshakeError
+
+    if isinstance(exc, AttestationError):
+        return _snake(type(exc).__name__)
+    if isinstance(exc, HandshakeError):
+        message = str(exc)
+        if message == "handshake timed out":
+            return "timeout"
+        if message.startswith("attestation failed"):
+            return "attester_error"
+        if message.startswith("attestation verifier raised"):
+            return "verifier_error"
+        if message.startswith("peer aborted the handshake ("):
+            alert = message[len("peer aborted the handshake (") : -1]
+            return f"peer_{alert}" if alert in _PEER_ALERTS else "peer_other"
+        for fragment, reason in _HANDSHAKE_MESSAGES:
+            if fragment in message:
+                return reason
+    return "protocol_error"
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,6 +102,47 @@ class MethodMetrics:
 class Metrics:
     def __init__(self) -> None:
         self._methods: dict[str, MethodMetrics] = {}
+        self.connections_accepted = 0
+        self.connections_refused: dict[str, int] = {}
+        self.handshakes: dict[str, int] = {}  # by session mode
+        self.handshake_failures: dict[str, int] = {}  # by handshake_failure_reason
+        self.attestation_failures: dict[str, int] = {}
+        self.handshake_buckets = [0] * (len(HANDSHAKE_BUCKETS_S) + 1)
+        self.handshake_seconds = 0.0
+
+    # -- connections and handshakes (called by the server shell) ---------------------------
+
+    def connection_accepted(self) -> None:
+        """A transport connection was accepted (before its handshake)."""
+        self.connections_accepted += 1
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection was closed at once, e.g. ``"connection_limit"``."""
+        self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
+
+    def handshake_completed(self, mode: str, seconds: float) -> None:
+        """A handshake finished after ``seconds`` (from the accepted connection)."""
+        self.handshakes[mode] = self.handshakes.get(mode, 0) + 1
+        self.handshake_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS_S, seconds)] += 1
+        self.handshake_seconds += seconds
+
+    def handshake_failed(self, exc: BaseException | str) -> str:
+        """Count a failed handshake (an exception, or a reason label) and return its reason.
+
+        Failures of attestation (the peer's document refused, or this server's attester
+        failing) also count as attestation failures.
+        """
+        reason = exc if isinstance(exc, str) else handshake_failure_reason(exc)
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+        from vrpc.exceptions import AttestationError
+
+        if isinstance(exc, AttestationError) or reason == "attester_error":
+            self.attestation_failures[reason] = self.attestation_failures.get(reason, 0) + 1
+        return reason
+
+    @property
+    def methods(self) -> dict[str, MethodMetrics]:
+        return dict(sorted(self._methods.items()))
 
     def record(self, method: str, status: Status, seconds: float) -> None:
         m = self._methods.get(method)

@@ -165,12 +165,15 @@ class _ServerConnection(EndpointProtocol):
         server = self.server
         self.peer = Peer(self.peer_address)
         if not server._accepting:
+            server.metrics.connection_refused("draining")
             self.after(self.endpoint.refuse(Alert.CONNECTION_LIMIT, "server is shutting down"))
         elif len(server._connections) >= server.max_connections:
             log.warning("connection refused", peer=self.peer_address, reason="connection limit")
+            server.metrics.connection_refused("limit")
             self.after(self.endpoint.refuse(Alert.CONNECTION_LIMIT, "server at connection limit"))
         else:
             server._connections.add(self)
+            server.metrics.connection_accepted()
 
     # A peer that sends requests but never reads the responses would otherwise make the server
     # buffer every response: stop reading it while its responses cannot leave. Only the server
@@ -228,6 +231,7 @@ class _ServerConnection(EndpointProtocol):
 
     def _established(self, ev: SessionEstablished) -> None:
         self.established = True
+        self.server.metrics.handshake_completed(ev.mode, monotonic() - self.opened_at)
         self.peer = Peer(self.peer_address, ev.peer_claims, ev.mode, ev.channel_binding)
         log.info("connection open", peer=self.peer_address, mode=ev.mode)
         if self.server._draining:
@@ -235,6 +239,11 @@ class _ServerConnection(EndpointProtocol):
 
     def _closed(self, ev: ConnectionClosed) -> None:
         self.connection_closed(ev)
+        counted = self in self.server._connections  # refused connections were never admitted
+        if ev.in_handshake and counted:
+            # A transport that ended says nothing about the peer: counted apart from verdicts.
+            failure = "connection_lost" if ev.retryable or ev.error is None else ev.error
+            self.server.metrics.handshake_failed(failure)
         self.server._connections.discard(self)
         for call_id, task in list(self.tasks.items()):
             self.cancel_task(call_id, task)
@@ -562,6 +571,12 @@ class Server:
     @property
     def calls_in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def loop_stalls(self) -> int:
+        """How often the event loop was found blocked (see ``loop_lag_warning``)."""
+        monitor = self._lag_monitor
+        return 0 if monitor is None else monitor.blocked
 
     def _new_handshake(self) -> ServerHandshake:
         return ServerHandshake(
