@@ -72,6 +72,16 @@ class _PumpProtocol(asyncio.Protocol):
         if more > 0:
             self._send(more)
 
+    async def once(self, payload: bytes) -> int:
+        """Send ``payload`` once and wait for as many bytes back; return the bytes received."""
+        self.payload, self.inflight = payload, 0
+        self.sent = self.received = 0
+        self.stopping = True  # nothing more is sent: wait for the one payload to return
+        self.done = done = asyncio.get_running_loop().create_future()
+        self._send(1)
+        await done
+        return self.received
+
     async def pump(self, payload: bytes, inflight: int, duration: float) -> tuple[int, float]:
         loop = asyncio.get_running_loop()
         self.payload, self.inflight = payload, inflight
@@ -105,10 +115,11 @@ class ByteClient:
         return await self.protocol.pump(payload, inflight, duration)
 
     async def echo(self, payload: bytes) -> bytes:
-        """One payload there and back (a correctness check, not what is measured)."""
-        calls, _ = await self.pump(payload, 1, 0.0)
-        if calls != 1:
-            raise AssertionError(f"byte-echo: {calls} payloads came back instead of one")
+        """One payload there and back: a check of the byte count (the content is the server's
+        own echo), not what is measured."""
+        received = await self.protocol.once(payload)
+        if received != len(payload):
+            raise AssertionError(f"byte-echo: {received} bytes came back for {len(payload)}")
         return payload
 
     async def stream(self, size: int, count: int) -> int:

@@ -110,6 +110,14 @@ class Pair:
         return f"{self.system}-{self.loop}"
 
 
+def label(case: dict[str, Any]) -> str:
+    from benchmarks.report import _size
+
+    if case["case"] in ("unary", "server-stream"):
+        return f"{case['case']} {_size(case['payload_bytes'])} x{case['concurrency']}"
+    return str(case["case"])
+
+
 def case_key(case: dict[str, Any]) -> tuple[str, int, int]:
     return (case["case"], case["payload_bytes"], case["concurrency"])
 
@@ -182,7 +190,7 @@ def run_interleaved(
             for p in members:
                 p.runs.setdefault(case_key(case), []).append(measure(p, case, duration))
         say(
-            f"   {case['case']} {case['payload_bytes']} B x{case['concurrency']}: "
+            f"   {label(case)}: "
             f"{len(members)} systems x {reps} repetitions in {time.monotonic() - started:.1f} s"
         )
 

@@ -1,4 +1,4 @@
-"""The ``vrpc`` command line: serve, call, describe, attest, relay, bench, demo.
+"""The ``vrpc`` command line: serve, call, describe, attest, relay, demo.
 
 Errors print one line to stderr and exit non-zero (2 for usage, 1 for everything else).
 """
@@ -11,7 +11,6 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from vrpc import jsonio
@@ -187,10 +186,6 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--to", required=True, metavar="URI")
     relay.set_defaults(func=_relay, run_async=True)
 
-    bench = commands.add_parser("bench", help="run benchmarks/ (from a source checkout)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_bench, run_async=False)
-
     demo = commands.add_parser("demo", help="keyvault end to end on this machine (no Nitro)")
     demo.add_argument("--vsock", action="store_true", help="inside the vsock lab VM")
     demo.set_defaults(func=_demo, run_async=False)
@@ -199,22 +194,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_attest_parser(commands)
     return parser
-
-
-def _bench(args: argparse.Namespace) -> int:
-    # benchmarks/ lives beside vrpc/ in a source checkout (it is not installed): find it there
-    # whatever the current directory is.
-    root = Path(__file__).resolve().parents[1]
-    if (root / "benchmarks" / "__main__.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        bench = importlib.import_module("benchmarks.__main__")
-    except ImportError:
-        raise ValueError("vrpc bench runs from a source checkout (benchmarks/ not found)") from None
-    rest = list(args.rest)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    return int(bench.main(rest))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -235,9 +214,6 @@ def _logs_to_stderr() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # Everything after `bench` belongs to the benchmark suite's own parser (--quick, ...).
-        argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     _logs_to_stderr()
     try:
