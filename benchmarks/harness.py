@@ -128,6 +128,7 @@ def start_pairs(
     *,
     server_options: Callable[[Pair], list[str]] = lambda _: [],
     client_options: Callable[[Pair], list[str]] = lambda _: [],
+    timeout: float = START_TIMEOUT,
 ) -> None:
     """Start every server, then every client (each connects once and keeps its connection)."""
     for p in pairs:
@@ -138,7 +139,7 @@ def start_pairs(
         )
     for p in pairs:
         assert p.server is not None
-        p.server.read(START_TIMEOUT)
+        p.server.read(timeout)
     for p in pairs:
         p.client = Worker(
             f"{p.tag} client",
@@ -147,7 +148,7 @@ def start_pairs(
         )
     for p in pairs:
         assert p.client is not None
-        p.client.read(START_TIMEOUT)
+        p.client.read(timeout)
 
 
 def stop_pairs(pairs: Iterable[Pair]) -> None:
