@@ -417,6 +417,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=9,
         title="system (event loop)",
     )
+    title = plot_title(result)
+    fig.suptitle(title, color="#b00000" if result["settings"].get("quick") else "black")
+    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_title(result: dict[str, Any]) -> str:
     s = result["settings"]
     title = (
         f"vrpc benchmarks {result['git_revision'][:12]} ({result['machine']['cpu']}); "
@@ -424,10 +432,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     if s.get("quick"):
         title = "QUICK RUN (harness check only, figures mean nothing)\n" + title
-    fig.suptitle(title, color="#b00000" if s.get("quick") else "black")
-    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return title
 
 
 def _ranged(s: dict[str, float] | None, digits: int = 0) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -72,13 +74,16 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     before = _git_status()
     saved = os.environ.get("VRPC_BENCH_OUT")
     os.environ["VRPC_BENCH_OUT"] = str(out)
+    said = io.StringIO()
     try:
-        assert suite.main(["--quick"]) == 0
+        with contextlib.redirect_stderr(said):
+            assert suite.main(["--quick"]) == 0
     finally:
         if saved is None:
             del os.environ["VRPC_BENCH_OUT"]
         else:
             os.environ["VRPC_BENCH_OUT"] = saved
+    (out / "said.txt").write_text(said.getvalue())
     yield out, before
 
 
@@ -94,6 +99,8 @@ def test_quick_run_leaves_the_working_tree_unchanged(quick_run: tuple[Path, str 
         pytest.skip("not a git checkout")
     assert (out / "latest.json").exists() and (out / "performance.md").exists()
     assert _git_status() == before
+    # The run says where it writes.
+    assert f"-- writing to {out} and {out / 'performance.md'}" in (out / "said.txt").read_text()
 
 
 def test_quick_run_writes_json_with_the_schema(result: dict[str, Any]) -> None:
@@ -338,3 +345,18 @@ def test_server_cpu_is_the_server_process_own_clock() -> None:
         pass
     assert server_command({"op": "cpu"})["cpu_s"] >= first + 0.02
     assert "error" in server_command({"op": "nonsense"})
+
+
+def test_plot_colours_systems_apart_and_labels_quick_runs() -> None:
+    assert set(report.COLOURS) == set(SYSTEMS)
+    assert len(set(report.COLOURS.values())) == len(SYSTEMS)
+    result: dict[str, Any] = {
+        "git_revision": "abc",
+        "machine": {"cpu": "x"},
+        "settings": {"reps": 2, "quick": True},
+    }
+    assert report.plot_title(result).startswith("QUICK RUN")
+    result["settings"]["quick"] = False
+    assert "QUICK" not in report.plot_title(result)
+    sizes = [64, 1024, 64 * 1024, 1 << 20]
+    assert [report._size(n) for n in sizes] == ["64 B", "1 KiB", "64 KiB", "1 MiB"]
