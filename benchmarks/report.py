@@ -447,6 +447,44 @@ def _ratio(s: dict[str, float] | None) -> str:
     return f"{s['median']:.3g} ({s['min']:.3g}-{s['max']:.3g})"
 
 
+CPU_CASES = (
+    ("unary", 64, 1),
+    ("unary", 64, 64),
+    ("unary", 1024 * 1024, 4),
+    ("server-stream", 64 * 1024, 1),
+)
+CPU_SYSTEMS = ("vrpc", "vrpc-plaintext", "raw-echo", "byte-echo")
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Server and client CPU µs per call (uvloop) of vrpc and its ceilings, side by side."""
+    present = [
+        s for s in CPU_SYSTEMS if any(r["system"] == s and r["loop"] == "uvloop" for r in rows)
+    ]
+    if not present:
+        return []
+    lines = [
+        "",
+        "### CPU per call (uvloop; µs, server / client, median of the repetitions)",
+        "",
+        "| case | " + " | ".join(present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for case, size, conc in CPU_CASES:
+        cells = []
+        for system in present:
+            row = _find(rows, system, case, size, conc)
+            if row is None:
+                cells.append("-")
+                continue
+            server = _num(row["server_cpu_us_per_call"], 1)
+            client = _num(row["client_cpu_us_per_call"], 1)
+            cells.append(f"{server} / {client}")
+        label = f"{case} {_size(size)} x{conc}" if case == "unary" else f"{case} {_size(size)}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _mem(n: float | None) -> str:
     return "-" if n is None else f"{n / 1024:,.1f} KiB"
 
@@ -491,6 +529,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {t['name']} | {_fig(st['median'])} {t['unit']} | {_fig(st['q1'])}-{_fig(st['q3'])} "
             f"| {_fig(st['min'])}-{_fig(st['max'])} | {cmp} {t['target']:g} | {v} |"
         )
+    noisy = [t for t in result["targets"] if t["verdict"] == NOISY]
+    if noisy:
+        lines += [
+            "",
+            f"The machine was too noisy to judge {len(noisy)} of {len(result['targets'])} "
+            "targets in this run.",
+        ]
+    lines += cpu_table(result["rows"])
     lines += [
         "",
         "### All rows",

@@ -196,6 +196,8 @@ def test_quick_run_writes_plot_and_markdown(quick_run: tuple[Path, str | None]) 
     assert "| vrpc | uvloop | unary |" in text
     assert "| byte-echo | uvloop | unary |" in text
     assert "### Memory a connection holds (server process)" in text
+    assert "### CPU per call (uvloop; µs, server / client" in text
+    assert "| unary 64 B x64 | " in text
 
 
 def test_verify_row_needs_the_vectors(result: dict[str, Any]) -> None:
@@ -272,6 +274,27 @@ def test_markdown_replaces_only_the_marked_block(tmp_path: Path) -> None:
     assert "old table" not in text and "Quick run" not in text
     assert text.count(report.BEGIN) == 1
     assert all(t["verdict"] == report.NO_DATA for t in result["targets"])
+
+
+def test_markdown_says_when_the_machine_was_too_noisy() -> None:
+    result: dict[str, Any] = {
+        "command": "python -m benchmarks",
+        "created": "now",
+        "git_revision": "abc",
+        "machine": {"cpu": "x", "cores": 2, "kernel": "k", "python": "3.11", "packages": {}},
+        "settings": {"reps": 5, "duration": 1.0, "quick": False},
+        "notes": [],
+        "rows": [],
+        "targets": [
+            report.judge("a", [0.7, 0.75, 0.85, 0.9, 0.95], 0.8),
+            report.judge("b", [0.9, 0.9, 0.9, 0.9, 0.9], 0.8),
+        ],
+    }
+    text = report.markdown(result)
+    assert "The machine was too noisy to judge 1 of 2 targets in this run." in text
+    assert "| a | 0.85 x | 0.75-0.9 | 0.7-0.95 | >= 0.8 | *too noisy to judge* |" in text
+    result["targets"] = result["targets"][1:]
+    assert "The machine was too noisy" not in report.markdown(result)
 
 
 def _row(system: str, loop: str, rates: list[float], p50: list[float] | None = None) -> Any:
