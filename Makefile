@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck unit test-vsock bench bench-quick soak clean
+.PHONY: install demo test lint typecheck unit test-vsock bench bench-quick bench-vsock soak clean
 
 # editable_mode=compat: the editable install is a plain path entry (.pth), not an import hook,
 # so type checkers (mypy, pyright) see vrpc from any folder, and new modules need no reinstall.
@@ -39,8 +39,13 @@ test: lint typecheck unit test-vsock
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
+# Writes to $$VRPC_BENCH_OUT or a fresh temporary directory (printed), never the committed results.
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
+
+# vrpc vs raw echo ratios over real AF_VSOCK, both event loops, inside the vsock lab VM.
+bench-vsock: $(STAMP)
+	VSOCK_LAB_TIMEOUT=$(or $(VSOCK_LAB_TIMEOUT),900) scripts/vsock-lab $(PY) -m benchmarks.vsock_lab
 
 soak: $(STAMP)
 	$(PY) -m tests.soak --seconds $(or $(SECONDS),180)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from benchmarks._base import MAX_MESSAGE, STREAM_REQUEST
+from benchmarks._base import MAX_MESSAGE, STREAM_REQUEST, Closer, unix_path
 
 _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -28,7 +27,14 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield item
 
 
-async def serve(path: str, stop: asyncio.Event) -> None:
+def _target(address: str) -> str:
+    path = unix_path(address)
+    if path is None:
+        raise ValueError(f"grpc-aio runs over Unix sockets only, not {address}")
+    return f"unix:{path}"
+
+
+async def start_server(address: str) -> Closer:
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
         {
@@ -38,10 +44,13 @@ async def serve(path: str, stop: asyncio.Event) -> None:
     )
     server = grpc.aio.server(options=_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"unix:{path}")
+    server.add_insecure_port(_target(address))
     await server.start()
-    await stop.wait()
-    await server.stop(grace=None)
+
+    async def close() -> None:
+        await server.stop(grace=None)
+
+    return close
 
 
 class GrpcClient:
@@ -64,10 +73,10 @@ class GrpcClient:
         await self.channel.close()
 
 
-async def open_client(path: str) -> GrpcClient:
+async def open_client(address: str) -> GrpcClient:
     # A private subchannel pool: otherwise a new channel reuses another's connection and the
     # handshake case would measure nothing.
     options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-    channel = grpc.aio.insecure_channel(f"unix:{path}", options=options)
+    channel = grpc.aio.insecure_channel(_target(address), options=options)
     await channel.channel_ready()
     return GrpcClient(channel)

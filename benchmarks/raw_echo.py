@@ -19,6 +19,9 @@ from benchmarks._base import (
     KIND_STREAM,
     MAX_MESSAGE,
     STREAM_REQUEST,
+    Closer,
+    connect,
+    listen,
 )
 
 _HLEN = HEADER.size
@@ -153,25 +156,13 @@ class RawClient:
         await self.protocol.lost
 
 
-async def serve(path: str, stop: asyncio.Event) -> None:
-    server = await asyncio.get_running_loop().create_unix_server(
-        _ServerProtocol, path, backlog=1024
-    )
-    await stop.wait()
-    server.close()
+async def start_server(address: str) -> Closer:
+    return await listen(address, _ServerProtocol)
 
 
-async def open_client(path: str) -> RawClient:
-    loop = asyncio.get_running_loop()
-    for _ in range(1000):  # bounded; a Unix listener answers EAGAIN while its backlog is full
-        try:
-            transport, protocol = await loop.create_unix_connection(_ClientProtocol, path)
-            break
-        except BlockingIOError:
-            await asyncio.sleep(0.001)
-    else:
-        raise ConnectionError(f"{path}: the listener's backlog stayed full")
+async def open_client(address: str) -> RawClient:
+    transport, protocol = await connect(address, _ClientProtocol)
     return RawClient(transport, protocol)
 
 
-__all__ = ["RawClient", "open_client", "serve"]
+__all__ = ["RawClient", "open_client", "start_server"]

@@ -6,7 +6,6 @@ seed the client process rebuilds the same trust root and PCR policy.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import structlog
 
 import vrpc
+from benchmarks._base import Closer
 from services.echo import Echo, EchoImpl
 
 SEED = b"bench"
@@ -27,13 +27,16 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 
-async def serve(path: str, stop: asyncio.Event) -> None:
+async def start_server(address: str) -> Closer:
     quiet_logs()
     att = vrpc.InsecureTestAttester(seed=SEED)
     server = vrpc.Server([EchoImpl()], attester=att, allow_plaintext=True)
-    await server.start(f"unix://{path}")
-    await stop.wait()
-    await server.close(grace=0)
+    await server.start(address)
+
+    async def close() -> None:
+        await server.close(grace=0)
+
+    return close
 
 
 class VrpcClient:
@@ -60,15 +63,14 @@ def _trust() -> tuple[Any, Any]:
     return att.policy(), att.trust_root()
 
 
-def make_client(path: str, *, plaintext: bool) -> vrpc.Client:
-    uri = f"unix://{path}"
+def make_client(address: str, *, plaintext: bool) -> vrpc.Client:
     if plaintext:
-        return vrpc.connect(uri, plaintext=True)
+        return vrpc.connect(address, plaintext=True)
     policy, root = _trust()
-    return vrpc.connect(uri, policy=policy, root=root)
+    return vrpc.connect(address, policy=policy, root=root)
 
 
-async def open_client(path: str, *, plaintext: bool = False) -> VrpcClient:
-    client = make_client(path, plaintext=plaintext)
+async def open_client(address: str, *, plaintext: bool = False) -> VrpcClient:
+    client = make_client(address, plaintext=plaintext)
     await client.connect()
     return VrpcClient(client)

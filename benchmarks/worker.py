@@ -1,40 +1,45 @@
-"""One side of a benchmark, in its own process: ``server`` or ``client`` (or ``verify``).
+"""One side of a benchmark, in its own process, driven by the suite over its stdin and stdout.
 
 ::
 
-    python -m benchmarks.worker server SYSTEM LOOP SOCKET READYFILE [PROFILE_OUT]
-    python -m benchmarks.worker client SYSTEM LOOP SOCKET SERVER_PID SPEC_JSON OUT_JSON
+    python -m benchmarks.worker server SYSTEM LOOP ADDRESS [--profile OUT] [--tracemalloc]
+    python -m benchmarks.worker client SYSTEM LOOP ADDRESS [--profile OUT]
+    python -m benchmarks.worker verify SPEC_JSON OUT_JSON
 
-The client reads the server's CPU time from ``/proc/PID/stat`` around each run, so the server
-process is never asked anything while it is being measured.
+Servers and clients stay up for the whole suite so that repetitions of different systems can be
+interleaved. Each reads one JSON command per line on stdin and answers with one JSON line on a
+private copy of stdout (the process's own stdout is pointed at stderr, so a stray print or log
+line cannot corrupt the exchange); end of input ends the process. The first line a worker writes
+is ``{"ready": ...}``.
+
+Server commands: ``cpu`` (the process's CPU time), ``mem`` (Python heap traced by tracemalloc
+and RSS, after a garbage collection), ``reset_peak`` (tracemalloc's and the kernel's peak
+trackers). Client commands: ``run`` (one timed run of a case), ``open`` (more idle connections),
+``echo`` (one call of a given size).
+
+CPU time is ``time.process_time()`` read inside each process (CLOCK_PROCESS_CPUTIME_ID: user +
+system of every thread, nanosecond resolution). The suite asks the server between runs only, so
+a measurement never interrupts the server while it is being measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
-import signal
-import statistics
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-SYSTEMS = ("vrpc", "vrpc-plaintext", "raw-echo", "grpc-aio", "blocking-echo")
+SYSTEMS = ("vrpc", "vrpc-plaintext", "raw-echo", "byte-echo", "grpc-aio", "blocking-echo")
 VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "vectors"
 VERIFY_VECTOR = "blocky_nitro_attestation.cbor"
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (all its threads) from /proc, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -56,7 +61,7 @@ def _quiet() -> None:
     quiet_logs()
 
 
-def _system_module(system: str) -> Any:
+def system_module(system: str) -> Any:
     if system in ("vrpc", "vrpc-plaintext"):
         _quiet()
         from benchmarks import vrpc_echo
@@ -66,6 +71,10 @@ def _system_module(system: str) -> Any:
         from benchmarks import raw_echo
 
         return raw_echo
+    if system == "byte-echo":
+        from benchmarks import byte_echo
+
+        return byte_echo
     if system == "grpc-aio":
         from benchmarks import grpc_aio
 
@@ -73,11 +82,91 @@ def _system_module(system: str) -> Any:
     raise ValueError(f"unknown system {system!r}")
 
 
+# ------------------------------------------------------------------------------ the channel
+
+
+class Channel:
+    """Answers go to a private copy of stdout; fd 1 itself is pointed at stderr."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self.out: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj) + "\n")
+        self.out.flush()
+
+
+class AsyncLines:
+    """JSON commands from stdin, read by the running event loop (no thread)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.buf = b""
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        os.set_blocking(0, False)
+        self.loop.add_reader(0, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(0, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.loop.remove_reader(0)
+            self.queue.put_nowait(None)
+            return
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            self.queue.put_nowait(json.loads(line))
+
+    async def get(self) -> dict[str, Any] | None:
+        return await self.queue.get()
+
+
 # ---------------------------------------------------------------------------------- server
 
 
-def _write_ready(ready: str) -> None:
-    Path(ready).write_text(str(os.getpid()))
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def server_command(cmd: dict[str, Any]) -> dict[str, Any]:
+    import tracemalloc
+
+    op = cmd.get("op")
+    if op == "cpu":
+        return {"cpu_s": time.process_time()}
+    if op == "mem":
+        gc.collect()
+        traced, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
+        return {
+            "tracing": tracemalloc.is_tracing(),
+            "traced": traced,
+            "traced_peak": peak,
+            "rss": _proc_status_bytes("VmRSS"),
+            "hwm": _proc_status_bytes("VmHWM"),
+        }
+    if op == "reset_peak":
+        gc.collect()
+        if tracemalloc.is_tracing():
+            tracemalloc.reset_peak()
+        try:
+            # "5" resets the kernel's peak RSS (VmHWM) of this process to its current RSS.
+            Path("/proc/self/clear_refs").write_text("5")
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        return {"hwm_reset": hwm_reset}
+    return {"error": f"unknown server command {op!r}"}
 
 
 @contextlib.contextmanager
@@ -100,70 +189,67 @@ def profiled(out: str | None) -> Iterator[None]:
         Path(out + ".flat").write_text(flat)
 
 
-def run_server(system: str, loop: str, path: str, ready: str, profile_out: str | None) -> None:
+def run_server(system: str, loop: str, address: str, channel: Channel) -> None:
     if system == "blocking-echo":
-        from benchmarks.blocking_echo import serve_forever
-
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        serve_forever(path, lambda: _write_ready(ready))
+        _blocking_server(address, channel)
         return
-    module = _system_module(system)
+    module = system_module(system)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        task = asyncio.create_task(module.serve(path, stop))
-        listening = Path(path)
-        for _ in range(2000):  # bounded: 20 s
-            if listening.exists() or task.done():  # noqa: ASYNC240 (a stat, before any load)
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        Path(ready).write_text(str(os.getpid()))  # noqa: ASYNC240
-        await task
+        lines = AsyncLines()
+        close = await module.start_server(address)
+        channel.send({"ready": os.getpid()})
+        try:
+            while (cmd := await lines.get()) is not None:
+                channel.send(server_command(cmd))
+        finally:
+            await close()
 
-    with profiled(profile_out):
-        _run(loop, main())
+    _run(loop, main())
+
+
+def _blocking_server(address: str, channel: Channel) -> None:
+    from benchmarks._base import unix_path
+    from benchmarks.blocking_echo import serve_forever
+
+    path = unix_path(address)
+    if path is None:
+        raise ValueError(f"blocking-echo runs over Unix sockets only, not {address}")
+    listening = threading.Event()
+    thread = threading.Thread(
+        target=serve_forever, args=(path, listening.set), daemon=True, name="blocking-echo"
+    )
+    thread.start()
+    if not listening.wait(20):
+        raise RuntimeError("blocking-echo: the server did not start")
+    channel.send({"ready": os.getpid()})
+    # The serving thread blocks in accept/recv: commands are answered by this thread meanwhile.
+    for line in sys.stdin:
+        channel.send(server_command(json.loads(line)))
 
 
 # ---------------------------------------------------------------------------------- client
 
 
-class Stopwatch:
-    """Runs one timed run: calls, elapsed seconds, per-call latencies (ns), server CPU."""
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self.cpu0 = 0.0
-        self.client_cpu0 = 0.0
-        self.t0 = 0.0
-
-    def start(self) -> None:
-        self.cpu0 = process_cpu_seconds(self.server_pid)
-        self.client_cpu0 = time.process_time()
-        self.t0 = time.perf_counter()
-
-    def stop(self, calls: int, latencies: list[int]) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.t0
-        client_cpu = time.process_time() - self.client_cpu0
-        cpu = process_cpu_seconds(self.server_pid) - self.cpu0
-        latencies.sort()
-        n = len(latencies)
-        return {
-            "calls": calls,
-            "elapsed_s": elapsed,
-            "calls_per_s": calls / elapsed,
-            "p50_us": latencies[n // 2] / 1000 if n else None,
-            "p99_us": latencies[min(n - 1, (n * 99) // 100)] / 1000 if n else None,
-            "server_cpu_us_per_call": cpu * 1e6 / calls if calls else None,
-            "client_cpu_us_per_call": client_cpu * 1e6 / calls if calls else None,
-        }
+def summary(
+    calls: int, elapsed: float, latencies: list[int] | None, client_cpu: float
+) -> dict[str, Any]:
+    """One run's figures (server CPU is added by the suite, which asks the server)."""
+    lat = sorted(latencies) if latencies else []
+    n = len(lat)
+    return {
+        "calls": calls,
+        "elapsed_s": elapsed,
+        "calls_per_s": calls / elapsed if elapsed > 0 else 0.0,
+        "p50_us": lat[n // 2] / 1000 if n else None,
+        "p99_us": lat[min(n - 1, (n * 99) // 100)] / 1000 if n else None,
+        "client_cpu_us_per_call": client_cpu * 1e6 / calls if calls else None,
+    }
 
 
 async def _timed(
     duration: float, concurrency: int, op: Callable[[], Awaitable[Any]], items_per_op: int = 1
-) -> tuple[int, list[int]]:
+) -> tuple[int, float, list[int]]:
     latencies: list[int] = []
     stopped = False
 
@@ -179,117 +265,140 @@ async def _timed(
             await op()
             append(clock() - t0)
 
+    t0 = time.perf_counter()
     handle = asyncio.get_running_loop().call_later(duration, finish)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     handle.cancel()
-    return len(latencies) * items_per_op, latencies
+    return len(latencies) * items_per_op, time.perf_counter() - t0, latencies
 
 
-def _op_for(case: dict[str, Any], system: str, module: Any, client: Any, path: str) -> Any:
-    kind = case["case"]
-    size = case["payload_bytes"]
-    if kind == "unary":
-        payload = os.urandom(size)
-        echo = client.echo
-        return lambda: echo(payload), 1, payload
-    if kind == "server-stream":
-        count = case["items"]
-        stream = client.stream
-        return lambda: stream(size, count), count, None
-    if kind == "handshake":
-        kwargs = {"plaintext": True} if system == "vrpc-plaintext" else {}
+class AsyncClient:
+    def __init__(self, system: str, address: str) -> None:
+        self.system = system
+        self.address = address
+        self.module = system_module(system)
+        self.kwargs = {"plaintext": True} if system == "vrpc-plaintext" else {}
+        self.extra: list[Any] = []
+        self.checked: set[int] = set()
+        self.client: Any = None
 
-        async def handshake() -> None:
-            fresh = await module.open_client(path, **kwargs)
+    async def open(self) -> Any:
+        return await self.module.open_client(self.address, **self.kwargs)
+
+    async def run(self, case: dict[str, Any], duration: float) -> dict[str, Any]:
+        kind, size, conc = case["case"], case["payload_bytes"], case["concurrency"]
+        client = self.client
+        cpu0 = time.process_time()
+        if kind == "unary":
+            payload = os.urandom(size)
+            if size not in self.checked:
+                if bytes(await client.echo(payload)) != payload:
+                    raise AssertionError(f"{self.system}: the echo came back different")
+                self.checked.add(size)
+                cpu0 = time.process_time()
+            if hasattr(client, "pump"):
+                calls, elapsed = await client.pump(payload, conc, duration)
+                return summary(calls, elapsed, None, time.process_time() - cpu0)
+            echo = client.echo
+            calls, elapsed, lat = await _timed(duration, conc, lambda: echo(payload))
+        elif kind == "server-stream":
+            count = case["items"]
+            stream = client.stream
+            calls, elapsed, lat = await _timed(duration, conc, lambda: stream(size, count), count)
+        elif kind == "handshake":
+
+            async def handshake() -> None:
+                fresh = await self.open()
+                await fresh.close()
+
+            calls, elapsed, lat = await _timed(duration, conc, handshake)
+        else:
+            raise ValueError(f"unknown case {kind!r}")
+        return summary(calls, elapsed, lat, time.process_time() - cpu0)
+
+    async def command(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd.get("op")
+        if op == "run":
+            return await self.run(cmd["case"], cmd["duration"])
+        if op == "open":
+            for _ in range(cmd["count"]):
+                fresh = await self.open()
+                await fresh.echo(b"x" * 64)
+                self.extra.append(fresh)
+            return {"open": len(self.extra) + 1}
+        if op == "echo":
+            payload = os.urandom(cmd["size"])
+            ok = bytes(await self.client.echo(payload)) == payload
+            return {"ok": ok}
+        return {"error": f"unknown client command {op!r}"}
+
+    async def close(self) -> None:
+        for fresh in self.extra:
             await fresh.close()
-
-        return handshake, 1, None
-    raise ValueError(f"unknown case {kind!r}")
-
-
-async def _client_main(
-    system: str, path: str, server_pid: int, spec: dict[str, Any]
-) -> list[dict[str, Any]]:
-    module = _system_module(system)
-    kwargs = {"plaintext": True} if system == "vrpc-plaintext" else {}
-    client = await module.open_client(path, **kwargs)
-    rows = []
-    try:
-        for case in spec["cases"]:
-            op, items, payload = _op_for(case, system, module, client, path)
-            if payload is not None and bytes(await client.echo(payload)) != payload:
-                raise AssertionError(f"{system}: the echo came back different")
-            conc = case["concurrency"]
-            await _timed(spec["warmup"], conc, op, items)
-            runs = []
-            for _ in range(case.get("runs", spec["runs"])):
-                watch = Stopwatch(server_pid)
-                watch.start()
-                calls, lat = await _timed(case.get("duration", spec["duration"]), conc, op, items)
-                runs.append(watch.stop(calls, lat))
-            rows.append(_row(case, runs))
-    finally:
-        await client.close()
-    return rows
+        if self.client is not None:
+            await self.client.close()
 
 
-def _blocking_client(path: str, server_pid: int, spec: dict[str, Any]) -> list[dict[str, Any]]:
+def run_client(system: str, loop: str, address: str, channel: Channel) -> None:
+    if system == "blocking-echo":
+        _blocking_client(address, channel)
+        return
+
+    async def main() -> None:
+        lines = AsyncLines()
+        client = AsyncClient(system, address)
+        client.client = await client.open()
+        channel.send({"ready": os.getpid()})
+        try:
+            while (cmd := await lines.get()) is not None:
+                channel.send(await client.command(cmd))
+        finally:
+            await client.close()
+
+    _run(loop, main())
+
+
+def _blocking_client(address: str, channel: Channel) -> None:
+    from benchmarks._base import unix_path
     from benchmarks.blocking_echo import BlockingClient
 
+    path = unix_path(address)
+    if path is None:
+        raise ValueError(f"blocking-echo runs over Unix sockets only, not {address}")
     client = BlockingClient(path)
-    rows = []
+    channel.send({"ready": os.getpid()})
     try:
-        for case in spec["cases"]:
-            payload = os.urandom(case["payload_bytes"])
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd.get("op") != "run" or cmd["case"]["case"] != "unary":
+                channel.send({"error": f"blocking-echo: unsupported command {cmd}"})
+                continue
+            payload = os.urandom(cmd["case"]["payload_bytes"])
             if bytes(client.echo(payload)) != payload:
                 raise AssertionError("blocking-echo: the echo came back different")
-            runs = []
-            for i in range(case.get("runs", spec["runs"]) + 1):
-                duration = spec["warmup"] if i == 0 else case.get("duration", spec["duration"])
-                watch = Stopwatch(server_pid)
-                latencies: list[int] = []
-                clock = time.perf_counter_ns
-                echo = client.echo
-                watch.start()
-                end = time.perf_counter() + duration
-                while time.perf_counter() < end:
-                    t0 = clock()
-                    echo(payload)
-                    latencies.append(clock() - t0)
-                result = watch.stop(len(latencies), latencies)
-                if i:
-                    runs.append(result)
-            rows.append(_row(case, runs))
+            latencies: list[int] = []
+            clock = time.perf_counter_ns
+            echo = client.echo
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            end = t0 + cmd["duration"]
+            while time.perf_counter() < end:
+                t = clock()
+                echo(payload)
+                latencies.append(clock() - t)
+            elapsed = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            channel.send(summary(len(latencies), elapsed, latencies, cpu))
     finally:
         client.close()
-    return rows
 
 
-def _row(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    def med(key: str) -> float | None:
-        values = [r[key] for r in runs if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
-    rates = [r["calls_per_s"] for r in runs]
-    calls_per_s = statistics.median(rates)
-    return {
-        "case": case["case"],
-        "payload_bytes": case["payload_bytes"],
-        "concurrency": case["concurrency"],
-        "calls_per_s": calls_per_s,
-        "mb_per_s": calls_per_s * case["payload_bytes"] / 1e6,
-        "p50_us": med("p50_us"),
-        "p99_us": med("p99_us"),
-        "server_cpu_us_per_call": med("server_cpu_us_per_call"),
-        "client_cpu_us_per_call": med("client_cpu_us_per_call"),
-        "runs": rates,
-        "spread": max(rates) / min(rates) if min(rates) > 0 else None,
-        "calls": sum(r["calls"] for r in runs),
-    }
+# ---------------------------------------------------------------------------------- verify
 
 
 def run_verify(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """``verify_document`` on a recorded Nitro document at its own timestamp (AWS root)."""
+    """``verify_document`` on a recorded Nitro document at its own timestamp (AWS root): one
+    run per repetition; the CPU figure is this process's own."""
     import cbor2
 
     from vrpc.attestation import verify_document
@@ -303,7 +412,7 @@ def run_verify(spec: dict[str, Any]) -> list[dict[str, Any]]:
     now = datetime.fromtimestamp(payload["timestamp"] / 1000, UTC)
     verify_document(document, now=now)
     runs = []
-    for i in range(spec["runs"] + 1):
+    for i in range(spec["reps"] + 1):
         duration = spec["warmup"] if i == 0 else spec["duration"]
         latencies: list[int] = []
         clock = time.perf_counter_ns
@@ -316,53 +425,46 @@ def run_verify(spec: dict[str, Any]) -> list[dict[str, Any]]:
             latencies.append(clock() - t0)
         elapsed = time.perf_counter() - t_start
         cpu = time.process_time() - cpu0
-        latencies.sort()
-        n = len(latencies)
         if i:
-            runs.append(
-                {
-                    "calls": n,
-                    "calls_per_s": n / elapsed,
-                    "p50_us": latencies[n // 2] / 1000,
-                    "p99_us": latencies[min(n - 1, (n * 99) // 100)] / 1000,
-                    # No server: the CPU column is the verifying process's own.
-                    "server_cpu_us_per_call": cpu * 1e6 / n,
-                }
-            )
-    row = _row({"case": "verify", "payload_bytes": len(document), "concurrency": 1}, runs)
-    row["mb_per_s"] = None
-    row["note"] = f"{VERIFY_VECTOR} at its own timestamp; CPU column is the verifier's own"
-    return [row]
+            run = summary(len(latencies), elapsed, latencies, cpu)
+            # No server: the server column is the verifying process's own CPU.
+            run["server_cpu_us_per_call"] = run.pop("client_cpu_us_per_call")
+            run["client_cpu_us_per_call"] = None
+            runs.append(run)
+    return [
+        {
+            "case": {"case": "verify", "payload_bytes": len(document), "concurrency": 1},
+            "runs": runs,
+            "note": f"{VERIFY_VECTOR} at its own timestamp; CPU column is the verifier's own",
+        }
+    ]
 
 
-def run_client(
-    system: str, loop: str, path: str, server_pid: int, spec_file: str, out_file: str
-) -> None:
-    spec = json.loads(Path(spec_file).read_text())
-    rows: list[dict[str, Any]] = []
-    if system == "verify":
-        rows = run_verify(spec)
-    elif system == "blocking-echo":
-        rows = _blocking_client(path, server_pid, spec)
-    else:
-
-        async def main() -> None:
-            rows.extend(await _client_main(system, path, server_pid, spec))
-
-        with profiled(spec.get("profile_out")):
-            _run(loop, main())
-    Path(out_file).write_text(json.dumps(rows))
+# ------------------------------------------------------------------------------------ main
 
 
 def main(argv: list[str]) -> int:
-    if argv[0] == "server":
-        system, loop, path, ready = argv[1:5]
-        run_server(system, loop, path, ready, argv[5] if len(argv) > 5 else None)
-    elif argv[0] == "client":
-        system, loop, path, pid, spec, out = argv[1:7]
-        run_client(system, loop, path, int(pid), spec, out)
-    else:
-        raise SystemExit(f"usage: python -m benchmarks.worker server|client ...: {argv}")
+    if argv[:1] == ["verify"]:
+        spec = json.loads(Path(argv[1]).read_text())
+        Path(argv[2]).write_text(json.dumps(run_verify(spec)))
+        return 0
+    if len(argv) < 4 or argv[0] not in ("server", "client"):
+        raise SystemExit(
+            f"usage: python -m benchmarks.worker server|client SYSTEM LOOP ADDRESS: {argv}"
+        )
+    role, system, loop, address = argv[:4]
+    options = argv[4:]
+    profile_out = options[options.index("--profile") + 1] if "--profile" in options else None
+    if "--tracemalloc" in options:
+        import tracemalloc
+
+        tracemalloc.start()
+    channel = Channel()
+    with profiled(profile_out):
+        if role == "server":
+            run_server(system, loop, address, channel)
+        else:
+            run_client(system, loop, address, channel)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``vrpc`` command line: serve, call, describe, attest, relay, bench.
+"""The ``vrpc`` command line: serve, call, describe, attest, relay, metrics.
 
 Errors print one line to stderr, ``vrpc: ...``, and exit non-zero: 2 for a usage or input
 mistake (bad arguments, an unreadable file, nothing to serve), 1 for a failure (a call that
@@ -412,10 +412,6 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--to", required=True, metavar="URI")
     relay.set_defaults(func=_relay, run_async=True)
 
-    bench = commands.add_parser("bench", help="run benchmarks/ (from a source checkout)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_bench, run_async=False)
-
     # The demo is an application (services/), not part of the installed package: point there.
     demo = commands.add_parser("demo", help="moved: python -m services.demo (source checkout)")
     demo.add_argument("rest", nargs=argparse.REMAINDER)
@@ -428,22 +424,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_metrics_parser(commands, _add_client_options)
     return parser
-
-
-def _bench(args: argparse.Namespace) -> int:
-    # benchmarks/ lives beside vrpc/ in a source checkout (it is not installed): find it there
-    # whatever the current directory is.
-    root = Path(__file__).resolve().parents[1]
-    if (root / "benchmarks" / "__main__.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        bench = importlib.import_module("benchmarks.__main__")
-    except ImportError:
-        raise ValueError("vrpc bench runs from a source checkout (benchmarks/ not found)") from None
-    rest = list(args.rest)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    return int(bench.main(rest))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -493,9 +473,6 @@ def _error_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # Everything after `bench` belongs to the benchmark suite's own parser (--quick, ...).
-        argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     _configure_logging(args)
     from vrpc.service import InterfaceError
