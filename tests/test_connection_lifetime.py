@@ -136,3 +136,38 @@ async def test_the_server_enforces_session_age_even_on_a_busy_connection(
         assert first.closed
         assert await stub.nap(0) == "rested"  # a fresh, attested session
         assert client._proto is not first
+
+
+class _ThreadNoting:
+    """Wraps the test attester without its ``attests_inline`` flag, as a custom attester would
+    be, and notes which thread it was called in."""
+
+    insecure = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.threads: list[str] = []
+
+    def attest(self, **fields: Any) -> bytes:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        document: bytes = self.inner.attest(**fields)
+        return document
+
+
+async def test_an_attester_without_the_inline_flag_runs_off_the_event_loop(
+    attester: Any, new_client: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    noting = _ThreadNoting(attester)
+    uri = unix(tmp_path)
+    server = vrpc.Server([Slow()], attester=noting)
+    await server.start(uri)
+    try:
+        async with new_client(uri) as client:
+            assert await client.stub(Slow).nap(0) == "rested"
+    finally:
+        await server.close(grace=0)
+    assert noting.threads and threading.main_thread().name not in noting.threads

@@ -89,7 +89,10 @@ class InsecureTestAttester:
     made on demand, valid three hours like the NSM's, and renewed an hour before it expires.
     """
 
-    insecure = True
+    insecure = True  # documents under a test root: servers using it run in dev-insecure mode
+    # Signing takes microseconds and touches no device: the shells call it on the event loop
+    # instead of handing it to a thread (an attester without this flag always runs in a thread).
+    attests_inline = True
 
     def __init__(
         self,

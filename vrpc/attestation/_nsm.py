@@ -54,7 +54,12 @@ def _system_ioctl(fd: int, request: int, arg: Any) -> int:
 
 
 class Attester(Protocol):
-    """Something that produces attestation documents (the NSM, or the insecure test attester)."""
+    """Something that produces attestation documents (the NSM, or the insecure test attester).
+
+    ``insecure`` marks documents under a test root (the server then runs in dev-insecure mode).
+    An attester may also set ``attests_inline = True`` when producing a document is quick and
+    touches no device; otherwise the shells call ``attest`` in a thread, off the event loop.
+    """
 
     insecure: bool
 

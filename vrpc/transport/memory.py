@@ -27,7 +27,6 @@ class MemoryTransport(asyncio.Transport):
         self._protocol: asyncio.Protocol | None = None
         self.peer: MemoryTransport | None = None
         self._closing = False
-        self.bytes_written = 0
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         assert isinstance(protocol, asyncio.Protocol)
@@ -43,7 +42,6 @@ class MemoryTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self.peer is None:
             return
-        self.bytes_written += len(data)
         # Like a socket, delivery carries no context from the writer to the reader.
         self._loop.call_soon(self.peer._deliver, bytes(data), context=_BARE)
 
