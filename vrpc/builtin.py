@@ -3,32 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from vrpc.exceptions import RpcError
-from vrpc.metrics import Metrics
-from vrpc.service import MethodSpec, Service, rpc
+from vrpc.metrics import ServerView
+from vrpc.service import Service, rpc
 from vrpc.status import Status
-
-
-class ServerView(Protocol):
-    """What health and reflection read from the server that serves them, and nothing more."""
-
-    metrics: Metrics
-
-    @property
-    def methods(self) -> Mapping[str, MethodSpec]: ...
-
-    @property
-    def connection_count(self) -> int: ...
-
-    @property
-    def calls_in_flight(self) -> int: ...
-
-    @property
-    def loop_stalls(self) -> int: ...
-
 
 __all__ = ["Health", "HealthApi", "MethodInfo", "Reflection", "ReflectionApi"]
 

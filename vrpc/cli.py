@@ -422,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     add_attest_parser(commands, parents=[logs])
     from vrpc.cli_metrics import add_metrics_parser
 
-    add_metrics_parser(commands, _add_client_options)
+    add_metrics_parser(commands, _add_client_options, _trust_kwargs)
     return parser
 
 

@@ -305,7 +305,7 @@ def add_attest_parser(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``attest`` on its own: ``python -m vrpc.attestation verify FILE ...``."""
+    """Run ``attest`` on its own (``vrpc attest verify FILE ...`` without the other commands)."""
     parser = argparse.ArgumentParser(prog="vrpc")
     add_attest_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["attest", *(sys.argv[1:] if argv is None else argv)])

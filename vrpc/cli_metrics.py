@@ -155,7 +155,6 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 async def _metrics(args: argparse.Namespace) -> int:
-    from vrpc.cli import _trust_kwargs
     from vrpc.client import Client
 
     host, port = args.http
@@ -165,7 +164,7 @@ async def _metrics(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         connect_timeout=args.timeout,
         retries=0,
-        **_trust_kwargs(args),
+        **args.trust_kwargs(args),
     )
     relay = ScrapeRelay(client, timeout=args.timeout)
     http = MetricsHttpServer(relay.scrape, host, port)
@@ -189,6 +188,7 @@ async def _metrics(args: argparse.Namespace) -> int:
 def add_metrics_parser(
     subparsers: argparse._SubParsersAction[Any],
     add_client_options: Callable[[argparse.ArgumentParser], None],
+    trust_kwargs: Callable[[argparse.Namespace], dict[str, Any]],
 ) -> None:
     """Add ``metrics URI --http HOST:PORT`` to the ``vrpc`` command line."""
     metrics = subparsers.add_parser(
@@ -203,4 +203,5 @@ def add_metrics_parser(
         help=f"where to serve GET /metrics (default {DEFAULT_HTTP})",
     )
     add_client_options(metrics)
-    metrics.set_defaults(func=_metrics, run_async=True)
+    # The trust options are the command line's own (passed in: this module does not import it).
+    metrics.set_defaults(func=_metrics, run_async=True, trust_kwargs=trust_kwargs)

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from vrpc.status import Status
+
+if TYPE_CHECKING:
+    from vrpc.service import MethodSpec
 
 __all__ = [
     "BUCKETS_MS",
     "HANDSHAKE_BUCKETS_S",
     "MethodMetrics",
     "Metrics",
+    "ServerView",
     "handshake_failure_reason",
 ]
 
@@ -160,3 +166,21 @@ class Metrics:
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {name: m.snapshot() for name, m in sorted(self._methods.items())}
+
+
+class ServerView(Protocol):
+    """What health and reflection read from the server that serves them, and nothing more."""
+
+    metrics: Metrics
+
+    @property
+    def methods(self) -> Mapping[str, MethodSpec]: ...
+
+    @property
+    def connection_count(self) -> int: ...
+
+    @property
+    def calls_in_flight(self) -> int: ...
+
+    @property
+    def loop_stalls(self) -> int: ...

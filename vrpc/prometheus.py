@@ -16,7 +16,7 @@ from vrpc.metrics import BUCKETS_MS, HANDSHAKE_BUCKETS_S, Metrics
 from vrpc.status import Status
 
 if TYPE_CHECKING:
-    from vrpc.builtin import ServerView
+    from vrpc.metrics import ServerView
 
 __all__ = ["CONTENT_TYPE", "render", "render_server"]
 
