@@ -141,7 +141,8 @@ def test_module_entry_point() -> None:
         [
             sys.executable,
             "-m",
-            "vrpc.attestation",
+            "vrpc",
+            "attest",
             "verify",
             path_of(GENUINE),
             "--at-document-time",
