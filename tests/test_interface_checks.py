@@ -67,6 +67,12 @@ async def test_keyword_only_parameters_end_to_end(serve: Serve) -> None:
             await client.call("scaler.v1.need", [4])  # b has no default
         assert info.value.status is Status.INVALID_ARGUMENT
         assert "takes 2 arguments, got 1" in info.value.message
+        assert info.value.details == {"arguments": [2, 2], "got": 1}
+        with pytest.raises(vrpc.RpcError) as info:
+            async for _ in client.stream("scaler.v1.scale", [3]):  # a unary method as a stream
+                pass
+        assert info.value.status is Status.INVALID_ARGUMENT
+        assert info.value.details == {"kind": "unary"}
         listed = await client.call("vrpc.reflection.list_services", [])
         signatures = {m["name"]: m["signature"] for m in listed["scaler.v1"]}
         assert signatures["scaler.v1.scale"] == "scale(x: int, *, factor: int = 2) -> int"

@@ -86,6 +86,7 @@ class ArgumentBinder:
             raise RpcError(
                 Status.INVALID_ARGUMENT,
                 f"{self._spec.full_name} takes {expected} {noun}, got {count}",
+                {"arguments": [self._required, len(self._names)], "got": count},
             )
         out = []
         for i, value in enumerate(args):

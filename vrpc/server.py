@@ -292,6 +292,7 @@ class _ServerConnection(EndpointProtocol):
                 call_id,
                 Status.INVALID_ARGUMENT,
                 f"{ev.method} is a {method.spec.kind.value} method",
+                {"kind": method.spec.kind.value},
             )
             return
         try:

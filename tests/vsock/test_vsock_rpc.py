@@ -99,3 +99,39 @@ async def test_relay_tcp_to_vsock_carries_only_ciphertext(
     finally:
         await relay.close()
         await server.close(grace=0)
+
+
+class Napper(vrpc.Service, name="napper.v1"):
+    @vrpc.rpc
+    async def nap(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "rested"
+
+
+async def test_keepalive_and_close_over_vsock(
+    attester: vrpc.InsecureTestAttester, vsock_port: int
+) -> None:
+    # An idle connection and a call longer than the keepalive interval both survive on the same
+    # connection; closing is an exchange of CLOSE records, not a truncation.
+    server = vrpc.Server([Napper()], attester=attester, keepalive_interval=0.3)
+    await server.start(f"vsock://ANY:{vsock_port}")
+    try:
+        async with asyncio.timeout(BOUND):
+            client = vrpc.connect(
+                f"vsock://LOCAL:{vsock_port}",
+                policy=attester.policy(),
+                root=attester.trust_root(),
+                keepalive_interval=0.3,
+            )
+            await client.connect()
+            napper = client.stub(Napper)
+            assert await napper.nap(0) == "rested"
+            first = client._proto
+            assert first is not None
+            await asyncio.sleep(1.5)  # several intervals with nothing but keepalive traffic
+            assert await napper.nap(1.2) == "rested"  # four intervals long
+            assert client._proto is first and not first.closed
+            await client.close()
+            assert first.closed_by is not None and first.closed_by.clean
+    finally:
+        await server.close(grace=0)

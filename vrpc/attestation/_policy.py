@@ -131,7 +131,7 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
-        """Read a policy file written by :meth:`dump` (or nitro-cli measurements JSON)."""
+        """Read a policy file holding the text of :meth:`dump` (or nitro-cli measurements JSON)."""
         obj = _read_json(path)
         if isinstance(obj, Mapping) and "Measurements" in obj:
             return cls.from_measurements(obj)

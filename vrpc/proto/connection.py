@@ -505,7 +505,9 @@ class Connection:
             for call_id in [c for c in self._calls if c > last]:
                 del self._calls[call_id]
                 events.append(
-                    ErrorReceived(call_id, Status.UNAVAILABLE, "server draining; not processed")
+                    ErrorReceived(
+                        call_id, Status.UNAVAILABLE, "server draining; not processed", UNPROCESSED
+                    )
                 )
         else:  # pragma: no cover - receive_data admits only the types of _MSG_LENGTHS
             raise AssertionError(f"message type {kind} has no handler")
