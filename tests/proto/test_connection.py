@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vrpc.exceptions import LocalProtocolError, RemoteProtocolError, RpcError
-from vrpc.proto.connection import INITIAL_WINDOW, Connection, Role
+from vrpc.proto.connection import INITIAL_WINDOW, CallState, Connection, Role
 from vrpc.proto.events import (
     CallCancelled,
     ConnectionTerminated,
@@ -390,7 +390,7 @@ class CallPair(RuleBasedStateMachine):
     def client_item(self, data: st.DataObject, size: int) -> None:
         cid = data.draw(st.sampled_from(sorted(self.client_open)))
         call = self.client._calls[cid]
-        if call.stream_request and not call.done_sending and self.client.can_send(cid):
+        if call.state is CallState.OPEN and self.client.can_send(cid):
             assert self.client.send_item(cid, b"i" * size)
 
     @precondition(lambda self: self.client_open)
@@ -398,7 +398,7 @@ class CallPair(RuleBasedStateMachine):
     def client_end(self, data: st.DataObject) -> None:
         cid = data.draw(st.sampled_from(sorted(self.client_open)))
         call = self.client._calls[cid]
-        if call.stream_request and not call.done_sending:
+        if call.state is CallState.OPEN:
             self.client.end_request(cid)
 
     @precondition(lambda self: self.server_open)

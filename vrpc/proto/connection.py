@@ -17,16 +17,17 @@ replayed or reordered REQUEST is a protocol error and GOAWAY can name the last c
 Messages for a call id that has finished are ignored: they cross a CANCEL or a deadline on the
 wire legitimately.
 
-Per-call state (both roles). A call exists from its REQUEST until its outcome; a unary call has
-no other state, a streaming call also tracks its credit and whether the request stream ended::
+Per-call state (both roles; the table is ``_CALL_TRANSITIONS``). A call exists from its REQUEST
+until its outcome. A call with a request stream starts OPEN, any other call starts
+REQUEST_ENDED; a streaming call also tracks its flow-control credit::
 
-    (none) --REQUEST--> OPEN --END (request stream)--> REQUEST_ENDED
+    OPEN --request ITEM--> OPEN --END--> REQUEST_ENDED
     OPEN | REQUEST_ENDED --RESPONSE | ERROR | CANCEL | deadline | GOAWAY above it--> (forgotten)
 
-ITEM from the client is legal only in OPEN of a call with a request stream; ITEM from the server
-only on a call with a response stream; END only once, on a call with a request stream. Anything
+ITEM from the server is legal only on a call whose flags asked for a response stream. Anything
 else for a live call is a protocol error; for a forgotten call it is ignored (it may cross a
-CANCEL or a deadline on the wire legitimately).
+CANCEL or a deadline on the wire legitimately). Unary calls share one immutable record
+(``_UNARY``): they never step, so the hot path pays nothing for the table.
 
 The server announces in SETTINGS (its first message) how many calls it serves at once on the
 connection; a REQUEST above that limit is refused with RESOURCE_EXHAUSTED and the detail
@@ -70,6 +71,8 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "INITIAL_WINDOW",
     "UNPROCESSED",
+    "CallInput",
+    "CallState",
     "Connection",
     "MsgType",
     "Role",
@@ -140,12 +143,34 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
+class CallState(enum.Enum):
+    OPEN = "open"  # the request stream may still carry ITEMs and its END
+    REQUEST_ENDED = "request-ended"  # END seen, or the call never had a request stream
+
+
+class CallInput(enum.Enum):
+    REQUEST_ITEM = "request ITEM"
+    END = "END"
+
+
+# Every legal step of a call's request side (both roles keep the same table, the client for
+# what it sends, the server for what it receives). Any (state, input) not listed is an error:
+# LocalProtocolError when sending, a protocol violation (the connection closes) when received.
+# Responses need no table: a RESPONSE or ERROR (or CANCEL, a deadline, a GOAWAY above the call)
+# forgets the call in any state, and response ITEMs are allowed exactly on calls whose flags
+# asked for a response stream.
+_CALL_TRANSITIONS: dict[tuple[CallState, CallInput], CallState] = {
+    (CallState.OPEN, CallInput.REQUEST_ITEM): CallState.OPEN,
+    (CallState.OPEN, CallInput.END): CallState.REQUEST_ENDED,
+}
+
+
 class _Call:
     __slots__ = (
-        "done_sending",
         "pending_grant",
         "recv_credit",
         "send_credit",
+        "state",
         "stream_request",
         "stream_response",
     )
@@ -156,12 +181,22 @@ class _Call:
         self.send_credit = INITIAL_WINDOW
         self.recv_credit = INITIAL_WINDOW
         self.pending_grant = 0
-        self.done_sending = False
+        # A call without a request stream starts where a streaming one ends up after END.
+        self.state = CallState.OPEN if stream_request else CallState.REQUEST_ENDED
+
+    def step(self, event: CallInput) -> bool:
+        """Apply ``event`` by the table; False (state unchanged) if it is not allowed."""
+        nxt = _CALL_TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            return False
+        self.state = nxt
+        return True
 
 
 # Unary calls (no stream in either direction) have no per-call state to mutate: they all share
-# this one record, which saves an allocation per call on the hot path. Code that mutates call
-# state (credit, END, items) first checks the stream flags, which are False here.
+# this one record, which saves an allocation per call on the hot path. It starts (and stays) in
+# REQUEST_ENDED, where the table allows no step, and code that touches credit checks the stream
+# flags first, which are False here.
 _UNARY = _Call(False, False)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -312,9 +347,8 @@ class Connection:
         call = self._calls.get(call_id)
         if call is None:
             return
-        if not call.stream_request or call.done_sending:
+        if not call.step(CallInput.END):
             raise LocalProtocolError("end_request on a call without an open request stream")
-        call.done_sending = True
         self._emit((END, call_id))
 
     def cancel(self, call_id: int) -> None:
@@ -387,7 +421,7 @@ class Connection:
         if call is None:
             return False
         if self._client:
-            ok = call.stream_request and not call.done_sending
+            ok = call.step(CallInput.REQUEST_ITEM)
         else:
             ok = call.stream_response
         if not ok:
@@ -460,9 +494,8 @@ class Connection:
             call_id = _int(msg[1], "call id")
             call = self._calls.get(call_id)
             if call is not None:
-                if not call.stream_request or call.done_sending:
+                if not call.step(CallInput.END):
                     raise _bad("END on a call without an open request stream")
-                call.done_sending = True
                 events.append(StreamEnded(call_id))
         elif kind == CREDIT:
             call_id = _int(msg[1], "call id")
@@ -589,7 +622,7 @@ class Connection:
         if self._client:
             ok = call.stream_response
         else:
-            ok = call.stream_request and not call.done_sending
+            ok = call.step(CallInput.REQUEST_ITEM)
         if not ok:
             raise _bad("stream item on a call without an open stream in that direction")
         if call.recv_credit <= 0:
