@@ -14,9 +14,10 @@ from typing import Any
 
 import structlog
 
+from vrpc._flow import FlowGate
 from vrpc.proto.endpoint import Endpoint
 from vrpc.proto.events import AttestationRequested, ConnectionClosed, EndpointEvent
-from vrpc.transport.vsock import peer_address
+from vrpc.transport import describe_peer
 
 log = structlog.get_logger("vrpc")
 
@@ -26,29 +27,6 @@ monotonic = time.monotonic
 # context happened to schedule them: a keepalive timer armed from inside a handler would
 # otherwise keep that call's context (and through it the connection) alive for its whole delay.
 BARE_CONTEXT = contextvars.Context()
-
-
-class FlowGate:
-    """An awaitable gate for a sender (transport write buffer, stream credit)."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._event.set()
-
-    @property
-    def is_open(self) -> bool:
-        return self._event.is_set()
-
-    def open(self) -> None:
-        self._event.set()
-
-    def close(self) -> None:
-        self._event.clear()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 class EndpointProtocol(asyncio.Protocol):
@@ -82,12 +60,7 @@ class EndpointProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit asyncio.Transport; they implement its interface.
         self.transport = typing.cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer_address = str(peer) if peer else str(transport.get_extra_info("sockname"))
-        # On uvloop's AF_UNIX route for vsock, peername is a mangled path: ask the kernel.
-        vsock_peer = peer_address(transport)
-        if vsock_peer is not None:
-            self.peer_address = f"vsock://{vsock_peer[0]}:{vsock_peer[1]}"
+        self.peer_address = describe_peer(transport)
         # Bulk transfers stall at the default 64 KiB high-water mark: raise it.
         self.transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         self.endpoint = self.make_endpoint(monotonic(), time.time())

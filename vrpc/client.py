@@ -20,8 +20,9 @@ from typing import Any, TypeVar, assert_never
 
 import structlog
 
+from vrpc._flow import FlowGate
 from vrpc._retry import backoff_delays, retrying
-from vrpc._shell import EndpointProtocol, FlowGate, monotonic
+from vrpc._shell import EndpointProtocol, monotonic
 from vrpc._verify import handshake_verifier
 from vrpc.context import CallOptions, _current, _options
 from vrpc.exceptions import AttestationError, ConnectError, HandshakeError, RpcError

@@ -20,7 +20,8 @@ from typing import Any, Protocol, assert_never
 
 import structlog
 
-from vrpc._shell import BARE_CONTEXT, EndpointProtocol, FlowGate, monotonic
+from vrpc._flow import FlowGate
+from vrpc._shell import BARE_CONTEXT, EndpointProtocol, monotonic
 from vrpc._validation import ArgumentBinder, served_methods
 from vrpc._verify import handshake_verifier
 from vrpc.attestation import Verifier

@@ -20,7 +20,14 @@ from vrpc.exceptions import ConnectError
 from vrpc.transport.address import Address, parse_address
 from vrpc.transport.memory import create_memory_connection, create_memory_server
 
-__all__ = ["Address", "Listener", "create_connection", "create_server", "parse_address"]
+__all__ = [
+    "Address",
+    "Listener",
+    "create_connection",
+    "create_server",
+    "describe_peer",
+    "parse_address",
+]
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -139,3 +146,15 @@ async def create_connection(
         raise
     except OSError as exc:
         raise ConnectError(f"{addr}: {exc.strerror or exc}") from exc
+
+
+def describe_peer(transport: asyncio.BaseTransport) -> str:
+    """The peer's address for logs: ``vsock://CID:PORT`` for vsock, else the socket's own."""
+    from vrpc.transport.vsock import peer_address
+
+    # On uvloop's AF_UNIX route for vsock, peername is a mangled path: ask the kernel.
+    vsock_peer = peer_address(transport)
+    if vsock_peer is not None:
+        return f"vsock://{vsock_peer[0]}:{vsock_peer[1]}"
+    peer = transport.get_extra_info("peername")
+    return str(peer) if peer else str(transport.get_extra_info("sockname"))
