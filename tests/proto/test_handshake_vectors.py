@@ -302,6 +302,13 @@ def test_the_variants_differ_where_the_protocol_says() -> None:
     prod_ch, dev_ch, mutual_ch = (bytes.fromhex(v["client_hello"]) for v in (prod, dev, mutual))
     assert (prod_ch[6], dev_ch[6], mutual_ch[6]) == (1, 2, 1)  # mode
     assert (prod_ch[9], dev_ch[9], mutual_ch[9]) == (0, 0, FLAG_MUTUAL)  # flags
+    # Before TH1, dev-insecure differs from prod only in the mode byte of both hellos ...
+    prod_sh, dev_sh, mutual_sh = (bytes.fromhex(v["server_hello"]) for v in (prod, dev, mutual))
+    assert [i for i in range(len(prod_ch)) if prod_ch[i] != dev_ch[i]] == [6]
+    assert [i for i in range(5, 78) if prod_sh[i] != dev_sh[i]] == [6]
+    # ... and mutual only in the flags byte, which the server echoes.
+    assert [i for i in range(len(prod_ch)) if prod_ch[i] != mutual_ch[i]] == [9]
+    assert [i for i in range(5, 78) if prod_sh[i] != mutual_sh[i]] == [9]
     assert len({v["th1_attestation_user_data"] for v in (prod, dev, mutual)}) == 3
     # Not mutual: CLIENT_FINISHED carries att_len 0; mutual: the client's own document.
     assert bytes.fromhex(prod["client_finished"])[5:9] == b"\x00\x00\x00\x00"
