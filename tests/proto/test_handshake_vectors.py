@@ -1,4 +1,8 @@
-"""Golden vectors: a full handshake and a few records from fixed keys and nonces.
+"""Golden vectors: full handshakes and a few records from fixed keys and nonces.
+
+Three variants from the same inputs: ``prod``, ``dev-insecure`` (only the mode byte differs in
+the hello, so every later value differs) and ``prod`` with mutual attestation (the client's
+stand-in document travels in CLIENT_FINISHED).
 
 The vectors are regenerated here from fixed inputs and compared with the files under
 ``tests/proto/vectors/`` and with the hex printed in docs/protocol.md, so neither can drift.
@@ -12,14 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from vrpc.proto import keyschedule as ks
-from vrpc.proto.handshake import ClientHandshake, HandshakeComplete, ServerHandshake
+from vrpc.proto.handshake import (
+    FLAG_MUTUAL,
+    MODES,
+    ClientHandshake,
+    HandshakeComplete,
+    NeedAttestation,
+    ServerHandshake,
+)
 from vrpc.proto.record import RecordSession
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,19 +72,41 @@ def vector_verify(
     return "vector-claims"
 
 
-def build() -> dict[str, str]:
-    client = ClientHandshake(verify=vector_verify, service=SERVICE, rng=fixed_rng(NONCE_C, EPH_C))
-    server = ServerHandshake(services=[SERVICE], rng=fixed_rng(NONCE_S, EPH_S))
+def build(mode: str = "prod", *, mutual: bool = False) -> dict[str, str]:
+    """One handshake from the fixed inputs, then a few records each way, as hex strings."""
+    client = ClientHandshake(
+        verify=vector_verify,
+        service=SERVICE,
+        mode=mode,
+        mutual=mutual,
+        rng=fixed_rng(NONCE_C, EPH_C),
+    )
+    server = ServerHandshake(
+        services=[SERVICE],
+        mode=mode,
+        verify_peer=vector_verify if mutual else None,
+        rng=fixed_rng(NONCE_S, EPH_S),
+    )
     client.initiate()
     ch = client.data_to_send()
     (need,) = server.receive_data(ch, NOW)
-    document = vector_document(need.user_data, need.nonce, need.public_key)  # type: ignore[union-attr]
+    assert isinstance(need, NeedAttestation)
+    document = vector_document(need.user_data, need.nonce, need.public_key)
     server.supply_attestation(document)
     sh = server.data_to_send()
-    (done_c,) = client.receive_data(sh, NOW)
+    client_document = b""
+    if mutual:
+        (need_c,) = client.receive_data(sh, NOW)
+        assert isinstance(need_c, NeedAttestation)
+        client_document = vector_document(need_c.user_data, need_c.nonce, need_c.public_key)
+        client.supply_attestation(client_document)
+        (done_c,) = client.receive_data(b"", NOW)
+    else:
+        (done_c,) = client.receive_data(sh, NOW)
     cf = client.data_to_send()
     (done_s,) = server.receive_data(cf, NOW)
     assert isinstance(done_c, HandshakeComplete) and isinstance(done_s, HandshakeComplete)
+    assert done_c.mode == done_s.mode == mode
     cs, ss = done_c.session, done_s.session
     assert isinstance(cs, RecordSession) and isinstance(ss, RecordSession)
 
@@ -83,17 +118,21 @@ def build() -> dict[str, str]:
     assert cs.receive(s2c) == b"hello, host" and cs.peer_closed
 
     # Intermediate values, recomputed here from the wire bytes with the key schedule alone.
+    assert ch[6] == MODES[mode] and ch[9] == (FLAG_MUTUAL if mutual else 0)
     core = sh[5 : 5 + 73]
     t = hashlib.sha384(ks.Transcript.DOMAIN + ch + core)
     th1 = t.digest()
     att_part = sh[5 + 73 : -48]
+    assert att_part == len(document).to_bytes(4, "big") + document
     t.update(att_part)
     th2 = t.digest()
     t.update(sh[-48:])
     th3 = t.digest()
+    assert cf[5:-48] == len(client_document).to_bytes(4, "big") + client_document
     t.update(cf[5:-48])
     th4 = t.digest()
     eph_s_pub = core[-32:]
+    eph_c_pub = ch[5 + 41 : 5 + 73]
     shared = X25519PrivateKey.from_private_bytes(EPH_C).exchange(
         X25519PrivateKey.from_private_bytes(EPH_S).public_key()
     )
@@ -105,9 +144,11 @@ def build() -> dict[str, str]:
     c_key, c_iv = ks.traffic_key_iv(c_ap)
     s_key, s_iv = ks.traffic_key_iv(s_ap)
     c_ap2 = ks.update_secret(c_ap)
-    assert need.user_data == th1  # type: ignore[union-attr]
-    assert need.public_key == ks.x25519_spki(eph_s_pub)  # type: ignore[union-attr]
-    assert cs.channel_binding == ks.expand_label(exp, "channel binding", b"", 48)
+    assert need.user_data == th1 and need.nonce == NONCE_C
+    assert need.public_key == ks.x25519_spki(eph_s_pub)
+    assert (
+        cs.channel_binding == ss.channel_binding == ks.expand_label(exp, "channel binding", b"", 48)
+    )
 
     values = {
         "input_client_nonce": NONCE_C,
@@ -115,11 +156,21 @@ def build() -> dict[str, str]:
         "input_server_nonce": NONCE_S,
         "input_server_x25519_private": EPH_S,
         "input_attestation_document": document,
+    }
+    if mutual:
+        assert need_c.user_data == th3 and need_c.nonce == NONCE_S
+        assert need_c.public_key == ks.x25519_spki(eph_c_pub)
+        values["input_client_attestation_document"] = client_document
+    values |= {
         "client_hello": ch,
         "server_hello": sh,
         "client_finished": cf,
         "th1_attestation_user_data": th1,
-        "attestation_public_key": need.public_key,  # type: ignore[union-attr]
+        "attestation_public_key": need.public_key,
+    }
+    if mutual:
+        values["client_attestation_public_key"] = need_c.public_key
+    values |= {
         "th2": th2,
         "th3": th3,
         "th4_final": th4,
@@ -151,44 +202,119 @@ _BIN_FILES = {
 }
 
 
-def render_markdown(vectors: dict[str, str]) -> str:
-    lines = [BEGIN, "```"]
+@dataclass(frozen=True)
+class VectorSet:
+    """One handshake variant: its inputs, its files under vectors/ and its block in the doc."""
+
+    name: str
+    mode: str
+    mutual: bool
+    json_file: str
+    bin_prefix: str
+    begin: str
+    end: str
+
+    def build(self) -> dict[str, str]:
+        return build(self.mode, mutual=self.mutual)
+
+
+_GENERATED = "(generated by tests/proto/test_handshake_vectors.py)"
+SETS = (
+    VectorSet("prod", "prod", False, "handshake.json", "", BEGIN, END),
+    VectorSet(
+        "dev-insecure",
+        "dev-insecure",
+        False,
+        "handshake_dev_insecure.json",
+        "dev_insecure_",
+        f"<!-- vectors-dev-insecure:begin {_GENERATED} -->",
+        "<!-- vectors-dev-insecure:end -->",
+    ),
+    VectorSet(
+        "mutual",
+        "prod",
+        True,
+        "handshake_mutual.json",
+        "mutual_",
+        f"<!-- vectors-mutual:begin {_GENERATED} -->",
+        "<!-- vectors-mutual:end -->",
+    ),
+)
+
+
+def render_markdown(vectors: dict[str, str], begin: str = BEGIN, end: str = END) -> str:
+    lines = [begin, "```"]
     for name, value in vectors.items():
         lines.append(f"{name} ({len(value) // 2} bytes):")
         lines.extend("  " + value[i : i + 64] for i in range(0, len(value), 64))
-    lines += ["```", END]
+    lines += ["```", end]
     return "\n".join(lines)
 
 
+def doc_block(text: str, begin: str, end: str) -> str:
+    """The generated block between ``begin`` and ``end`` (markers included)."""
+    start = text.index(begin)
+    return text[start : text.index(end, start) + len(end)]
+
+
 def write() -> None:
-    vectors = build()
     VECTOR_DIR.mkdir(parents=True, exist_ok=True)
-    (VECTOR_DIR / "handshake.json").write_text(json.dumps(vectors, indent=2) + "\n")
-    for name, filename in _BIN_FILES.items():
-        (VECTOR_DIR / filename).write_bytes(bytes.fromhex(vectors[name]))
     text = DOC.read_text()
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    DOC.write_text(text[:start] + render_markdown(vectors) + text[stop:])
+    for vset in SETS:
+        vectors = vset.build()
+        (VECTOR_DIR / vset.json_file).write_text(json.dumps(vectors, indent=2) + "\n")
+        for name, filename in _BIN_FILES.items():
+            path = VECTOR_DIR / (vset.bin_prefix + filename)
+            path.write_bytes(bytes.fromhex(vectors[name]))
+        block = render_markdown(vectors, vset.begin, vset.end)
+        text = text.replace(doc_block(text, vset.begin, vset.end), block)
+    DOC.write_text(text)
 
 
 # -- tests ---------------------------------------------------------------------------------------
 
 
-def test_vectors_are_reproducible() -> None:
-    assert build() == build()
+@pytest.mark.parametrize("vset", SETS, ids=lambda v: v.name)
+def test_vectors_are_reproducible(vset: VectorSet) -> None:
+    assert vset.build() == vset.build()
 
 
-def test_vector_files_match() -> None:
-    vectors = build()
-    assert json.loads((VECTOR_DIR / "handshake.json").read_text()) == vectors
+@pytest.mark.parametrize("vset", SETS, ids=lambda v: v.name)
+def test_vector_files_match(vset: VectorSet) -> None:
+    vectors = vset.build()
+    assert json.loads((VECTOR_DIR / vset.json_file).read_text()) == vectors
     for name, filename in _BIN_FILES.items():
-        assert (VECTOR_DIR / filename).read_bytes().hex() == vectors[name], filename
+        path = VECTOR_DIR / (vset.bin_prefix + filename)
+        assert path.read_bytes().hex() == vectors[name], path.name
 
 
-def test_protocol_doc_prints_the_vectors() -> None:
+@pytest.mark.parametrize("vset", SETS, ids=lambda v: v.name)
+def test_protocol_doc_prints_the_vectors(vset: VectorSet) -> None:
     text = DOC.read_text()
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    assert text[start:stop] == render_markdown(build())
+    assert doc_block(text, vset.begin, vset.end) == render_markdown(
+        vset.build(), vset.begin, vset.end
+    )
+
+
+def test_the_variants_differ_where_the_protocol_says() -> None:
+    """The mode byte and the mutual flag are in the hello, so every later value changes too."""
+    prod, dev, mutual = (vset.build() for vset in SETS)
+    prod_ch, dev_ch, mutual_ch = (bytes.fromhex(v["client_hello"]) for v in (prod, dev, mutual))
+    assert (prod_ch[6], dev_ch[6], mutual_ch[6]) == (1, 2, 1)  # mode
+    assert (prod_ch[9], dev_ch[9], mutual_ch[9]) == (0, 0, FLAG_MUTUAL)  # flags
+    # Before TH1, dev-insecure differs from prod only in the mode byte of both hellos ...
+    prod_sh, dev_sh, mutual_sh = (bytes.fromhex(v["server_hello"]) for v in (prod, dev, mutual))
+    assert [i for i in range(len(prod_ch)) if prod_ch[i] != dev_ch[i]] == [6]
+    assert [i for i in range(5, 78) if prod_sh[i] != dev_sh[i]] == [6]
+    # ... and mutual only in the flags byte, which the server echoes.
+    assert [i for i in range(len(prod_ch)) if prod_ch[i] != mutual_ch[i]] == [9]
+    assert [i for i in range(5, 78) if prod_sh[i] != mutual_sh[i]] == [9]
+    assert len({v["th1_attestation_user_data"] for v in (prod, dev, mutual)}) == 3
+    # Not mutual: CLIENT_FINISHED carries att_len 0; mutual: the client's own document.
+    assert bytes.fromhex(prod["client_finished"])[5:9] == b"\x00\x00\x00\x00"
+    client_doc = bytes.fromhex(mutual["input_client_attestation_document"])
+    assert client_doc in bytes.fromhex(mutual["client_finished"])
+    assert bytes.fromhex(mutual["th3"]) in client_doc  # ATT_c binds TH3
 
 
 def test_expand_label_matches_cryptography_hkdf() -> None:
@@ -207,4 +333,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         write()
     else:
-        print(render_markdown(build()))
+        for vset in SETS:
+            print(render_markdown(vset.build(), vset.begin, vset.end))
