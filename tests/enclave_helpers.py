@@ -24,7 +24,9 @@ def opt(name, default=None):
     return args[args.index(name) + 1] if name in args else default
 
 def save():
-    STATE.write_text(json.dumps(state))
+    # Atomically: the test reads the state while nitro-cli runs.
+    (HERE / "state.tmp").write_text(json.dumps(state))
+    (HERE / "state.tmp").replace(STATE)
 
 if (HERE / f"fail-{command}").exists():
     print("Start ...", file=sys.stderr)
@@ -56,6 +58,8 @@ elif command == "describe-enclaves":
             e["State"] = (HERE / "state-override").read_text()
     print(json.dumps(state["enclaves"], indent=2))
 elif command == "terminate-enclave":
+    if (HERE / "dead").exists():
+        state["enclaves"] = []
     wanted = opt("--enclave-id")
     before = len(state["enclaves"])
     state["enclaves"] = [e for e in state["enclaves"] if e["EnclaveID"] != wanted]
@@ -83,7 +87,9 @@ class FakeNitro:
         log = self.folder / "calls.log"
         if not log.exists():
             return []
-        return [json.loads(line) for line in log.read_text().splitlines()]
+        # Only complete lines: a nitro-cli run may be writing the last one.
+        text = log.read_text()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
     def commands(self) -> list[str]:
         return [call[0] for call in self.calls()]

@@ -79,6 +79,24 @@ async def test_stop_terminates_the_enclave_and_exits_0(nitro: FakeNitro) -> None
     assert nitro.enclaves() == []
 
 
+async def test_stop_when_the_enclave_is_already_gone_still_exits_0(nitro: FakeNitro) -> None:
+    task, stop = await _supervise(nitro, poll=60.0)  # the watcher does not notice first
+    await _until(lambda: bool(nitro.enclaves()))
+    nitro.kill_enclave()
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
+    assert nitro.commands()[-2:] == ["terminate-enclave", "describe-enclaves"]
+
+
+async def test_stop_fails_when_the_enclave_cannot_be_terminated(nitro: FakeNitro) -> None:
+    task, stop = await _supervise(nitro, poll=60.0)
+    await _until(lambda: bool(nitro.enclaves()))
+    nitro.fail("terminate-enclave", "E11 permission denied")
+    stop.set()
+    with pytest.raises(EnclaveError, match="terminate-enclave failed"):
+        await asyncio.wait_for(task, 10)
+
+
 async def test_describe_failing_three_times_counts_as_lost(nitro: FakeNitro) -> None:
     task, _ = await _supervise(nitro)
     await _until(lambda: bool(nitro.enclaves()))

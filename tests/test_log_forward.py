@@ -5,6 +5,7 @@ time, the reader's checks, and a keyvault run whose forwarded logs hold no secre
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import json
 import os
@@ -297,3 +298,19 @@ def test_vrpc_serve_log_forward_serves_the_servers_events(tmp_path: Path) -> Non
     listening = next(e for e in events if e["event"] == "listening")
     assert listening["level"] == "info" and listening["address"] == listen
     assert "timestamp" in listening
+
+
+async def test_the_reader_reports_an_enclave_clock_far_from_the_parents() -> None:
+    printed: list[str] = []
+    reader = _LineReader(printed.append)
+    now = datetime.datetime.now(datetime.UTC)
+    with structlog.testing.capture_logs() as logs:
+        for offset in (0, 5, -3600, -3600, 7200):
+            stamp = (now + datetime.timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
+            reader.data_received(json.dumps({"event": "e", "timestamp": stamp}).encode() + b"\n")
+        reader.data_received(b'{"event": "e", "timestamp": "not a time"}\n')
+        reader.data_received(b'{"event": "e", "timestamp": "2001-01-01T00:00:00"}\n')  # no zone
+    assert len(printed) == 7  # every line is printed either way
+    warnings = [e for e in logs if "clock" in e["event"]]
+    assert len(warnings) == 1  # once: not at every line
+    assert -3700 < warnings[0]["skew_seconds"] < -3500

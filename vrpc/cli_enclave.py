@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +45,10 @@ DEFAULT_LOG_PORT = 5001
 NITRO_CLI_ENV = "VRPC_NITRO_CLI"
 #: Failed ``describe-enclaves`` polls in a row after which the enclave counts as lost.
 MAX_POLL_FAILURES = 3
+#: A forwarded event stamped further than this from the parent's clock is reported (seconds).
+#: Well inside what depends on the enclave's clock: SigV4 (KMS) and the attestation max_age.
+CLOCK_SKEW_WARNING = 30.0
+CLOCK_SKEW_REPEAT = 600.0
 _COMMAND_TIMEOUT = 120.0  # run-enclave allocates memory: it can take a while on large enclaves
 
 
@@ -78,6 +84,11 @@ class NitroCli:
             raise EnclaveError(
                 f"nitro-cli {argv[0]} did not finish in {_COMMAND_TIMEOUT:g} s"
             ) from None
+        except asyncio.CancelledError:
+            # A poll cut short by a stop: not left running beside the terminate that follows.
+            if proc.returncode is None:
+                proc.kill()
+            raise
         if proc.returncode != 0:
             lines = err.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else "no message"
@@ -114,11 +125,32 @@ class NitroCli:
         await self._run("terminate-enclave", "--enclave-id", enclave_id)
 
 
+def _clock_skew(event: dict[str, Any], now: float) -> float | None:
+    """The event's timestamp (the enclave's clock) minus ``now`` (the parent's), in seconds."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, str) or len(stamp) > 40:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # not the UTC stamp `vrpc serve` writes: nothing to compare
+    return when.timestamp() - now
+
+
 class _LineReader(asyncio.Protocol):
-    """Splits the enclave's log stream into lines, bounded, and hands each valid one on."""
+    """Splits the enclave's log stream into lines, bounded, and hands each valid one on.
+
+    Each event's timestamp comes from the enclave's clock: when it is more than
+    ``CLOCK_SKEW_WARNING`` seconds from the parent's, a warning says by how much (at most one
+    per ``CLOCK_SKEW_REPEAT`` seconds). It can only inform an operator: the parent's clock is
+    not one the enclave may trust.
+    """
 
     def __init__(self, out: Callable[[str], None]) -> None:
         self._out = out
+        self._skew_warned_at: float | None = None
         self._buffer = bytearray()
         self._skipping = False  # inside a line that was too long: drop up to its newline
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -155,6 +187,17 @@ class _LineReader(asyncio.Protocol):
             return
         # Re-encoded: escapes every control character, whatever the line held.
         self._out(json.dumps(event, ensure_ascii=True, separators=(",", ":")))
+        skew = _clock_skew(event, time.time())
+        if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
+            now = time.monotonic()
+            last = self._skew_warned_at
+            if last is None or now - last >= CLOCK_SKEW_REPEAT:
+                self._skew_warned_at = now
+                log.warning(
+                    "the enclave's clock differs from the parent's "
+                    "(a negative skew also counts delivery delay)",
+                    skew_seconds=round(skew, 1),
+                )
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1
@@ -256,7 +299,13 @@ async def supervise(
             watcher.cancel()
     if stop.is_set() and not watcher.done():
         log.info("stopping: terminating the enclave", enclave_id=enclave_id)
-        await nitro.terminate(enclave_id)
+        try:
+            await nitro.terminate(enclave_id)
+        except EnclaveError:
+            # systemd may have signalled the enclave's own process too: gone is what we want.
+            if any(e.get("EnclaveID") == enclave_id for e in await nitro.describe()):
+                raise
+            log.info("the enclave had already stopped", enclave_id=enclave_id)
         return 0
     reason, terminate = watcher.result()
     log.error("enclave stopped", enclave_id=enclave_id, reason=reason)
