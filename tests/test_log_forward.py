@@ -314,3 +314,19 @@ async def test_the_reader_reports_an_enclave_clock_far_from_the_parents() -> Non
     warnings = [e for e in logs if "clock" in e["event"]]
     assert len(warnings) == 1  # once: not at every line
     assert -3700 < warnings[0]["skew_seconds"] < -3500
+
+
+async def test_the_reader_reconnects_when_the_stream_closes(tmp_path: Path) -> None:
+    uri = sock_uri(tmp_path, "logs")
+    printed: list[str] = []
+    reader = asyncio.create_task(read_logs(uri, printed.append, retry=0.02))
+    try:
+        for boot in (1, 2):  # an enclave restart: a new listener at the same address
+            forwarder = LogForwarder(uri)
+            await forwarder.start()
+            _forwarding_logger(forwarder).info("booted", boot=boot)
+            await _until(lambda boot=boot: len(printed) == boot)  # type: ignore[misc]
+            await forwarder.close()
+    finally:
+        reader.cancel()
+    assert [json.loads(line)["boot"] for line in printed] == [1, 2]
