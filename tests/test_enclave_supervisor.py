@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--eif-path", "/opt/vrpc/keyvault.eif", "--cpu-count", "2", "--memory", "2048"]
 
 
+@pytest.fixture(autouse=True)
+def _structlog_config(keep_structlog_config: None) -> None:
+    # main() configures structlog for its process: undone after each test.
+    return None
+
+
 @pytest.fixture
 def nitro(tmp_path: Path) -> FakeNitro:
     return FakeNitro(tmp_path / "nitro")
@@ -276,3 +282,16 @@ def test_the_command_exits_1_when_the_enclave_dies(nitro: FakeNitro, tmp_path: P
             proc.kill()
             proc.communicate()
     assert "enclave stopped" in err and "the enclave is gone" in err
+
+
+def test_cli_reports_a_failed_start_in_one_line(
+    nitro: FakeNitro, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nitro.fail("run-enclave", "[ E26 ] Insufficient memory requested.")
+    code = main(["enclave", "run", *RUN, "--nitro-cli", str(nitro.path), "--logs", "none"])
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vrpc: ")]
+    assert errors == [
+        "vrpc: EnclaveError: nitro-cli run-enclave failed (exit 1): "
+        "[ E26 ] Insufficient memory requested."
+    ]

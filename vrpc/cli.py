@@ -1,4 +1,4 @@
-"""The ``vrpc`` command line: serve, call, describe, attest, relay, metrics.
+"""The ``vrpc`` command line: serve, call, describe, attest, relay, metrics, enclave.
 
 Errors print one line to stderr, ``vrpc: ...``, and exit non-zero: 2 for a usage or input
 mistake (bad arguments, an unreadable file, nothing to serve), 1 for a failure (a call that
