@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,13 @@ class Vault(vrpc.Service, name="authtest.v1"):
     async def unlisted(self) -> None:
         self.runs.append("unlisted")
 
+    @vrpc.rpc
+    async def tail(self, n: int) -> AsyncIterator[str]:
+        caller = current_caller()
+        assert caller is not None
+        for i in range(n):
+            yield f"{caller.key_id}:{i}"
+
 
 def authenticator() -> CallerAuthenticator:
     return CallerAuthenticator(
@@ -57,7 +64,11 @@ def authenticator() -> CallerAuthenticator:
             TrustedCaller("admin", ADMIN.public_key(), frozenset({"admin"})),
             TrustedCaller("reader", READER.public_key(), frozenset({"reader"})),
         ],
-        method_roles={"authtest.v1.wipe": {"admin"}, "authtest.v1.read": {ANY_CALLER}},
+        method_roles={
+            "authtest.v1.wipe": {"admin"},
+            "authtest.v1.read": {ANY_CALLER},
+            "authtest.v1.tail": {"admin"},
+        },
     )
 
 
@@ -93,6 +104,22 @@ async def test_roles_decide_and_handlers_see_the_caller(
             message = await expect(vrpc.Status.PERMISSION_DENIED, reader.stub(Vault).unlisted())
             assert message == "no rule allows authtest.v1.unlisted"
     assert Vault.runs == ["wipe", "read", "read"]  # refused calls never reached a handler
+
+
+async def test_streaming_calls_are_signed_too(
+    server_at: Any, new_client: Any, unix_uri: str
+) -> None:
+    async with server_at(unix_uri, [Vault()], interceptors=[authenticator()]):
+        async with signed(new_client, unix_uri, "admin", ADMIN) as admin:
+            assert [line async for line in admin.stub(Vault).tail(2)] == ["admin:0", "admin:1"]
+        async with signed(new_client, unix_uri, "reader", READER) as reader:
+            with pytest.raises(vrpc.RpcError) as denied:
+                [line async for line in reader.stub(Vault).tail(2)]
+            assert denied.value.status is vrpc.Status.PERMISSION_DENIED
+        async with new_client(unix_uri) as anonymous:
+            with pytest.raises(vrpc.RpcError) as refused:
+                [line async for line in anonymous.stub(Vault).tail(2)]
+            assert refused.value.status is vrpc.Status.UNAUTHENTICATED
 
 
 async def test_unauthenticated_calls_are_refused_before_the_handler(

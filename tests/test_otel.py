@@ -39,6 +39,15 @@ class Traced(vrpc.Service, name="traced.v1"):
     @vrpc.rpc
     def count(self, n: int) -> AsyncIterator[int]: ...
 
+    @vrpc.rpc
+    def count_then_fail(self, n: int) -> AsyncIterator[int]: ...
+
+    @vrpc.rpc
+    async def total(self, numbers: AsyncIterator[int]) -> int: ...
+
+    @vrpc.rpc
+    def stream_headers(self) -> AsyncIterator[str]: ...
+
 
 class TracedImpl(Traced):
     async def echo(self, text: str) -> str:
@@ -56,6 +65,18 @@ class TracedImpl(Traced):
     async def count(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             yield i
+
+    async def count_then_fail(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        raise vrpc.RpcError(vrpc.Status.PERMISSION_DENIED, f"stopped: {SECRET}")
+
+    async def total(self, numbers: AsyncIterator[int]) -> int:
+        return sum([n async for n in numbers])
+
+    async def stream_headers(self) -> AsyncIterator[str]:
+        for key, value in sorted(vrpc.current_call().metadata.items()):
+            yield f"{key}={value}"
 
 
 def _provider() -> tuple[TracerProvider, InMemorySpanExporter]:
@@ -223,3 +244,126 @@ async def test_tracing_first_sees_calls_a_later_interceptor_denies(
     span = _only(server_spans, "traced.v1/echo")
     assert span.status.description == "UNAUTHENTICATED"
     assert (span.attributes or {})[STATUS_CODE_ATTRIBUTE] == 16
+
+
+async def test_a_server_streaming_call_makes_one_trace_with_client_and_server_spans(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path, tracing: Any
+) -> None:
+    client_spans, server_spans, client_tracing, server_tracing = tracing
+    async with serve(
+        uri_on("unix", tmp_path),
+        [TracedImpl()],
+        {"interceptors": [server_tracing]},
+        interceptors=[client_tracing],
+    ) as (_, client):
+        assert [i async for i in client.stub(Traced).count(3)] == [0, 1, 2]
+        assert [i async for i in client.stream("traced.v1.count", [2])] == [0, 1]
+    client_side = [s for s in client_spans.get_finished_spans() if s.name == "traced.v1/count"]
+    server_side = [s for s in server_spans.get_finished_spans() if s.name == "traced.v1/count"]
+    assert len(client_side) == len(server_side) == 2
+    for client_span, server_span in zip(client_side, server_side, strict=True):
+        assert client_span.kind is SpanKind.CLIENT
+        assert client_span.context is not None and server_span.context is not None
+        assert server_span.context.trace_id == client_span.context.trace_id
+        assert server_span.parent is not None
+        assert server_span.parent.span_id == client_span.context.span_id
+        assert (client_span.attributes or {})[STATUS_CODE_ATTRIBUTE] == 0
+        assert client_span.status.status_code is StatusCode.UNSET
+        # The client span covers the server's whole stream.
+        assert client_span.start_time is not None and server_span.start_time is not None
+        assert client_span.end_time is not None and server_span.end_time is not None
+        assert client_span.start_time <= server_span.start_time
+        assert client_span.end_time >= server_span.end_time
+
+
+async def test_a_streaming_call_carries_traceparent_and_earlier_metadata(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path, tracing: Any
+) -> None:
+    client_spans, _, client_tracing, _ = tracing
+    async with serve(uri_on("unix", tmp_path), [TracedImpl()], interceptors=[client_tracing]) as (
+        _,
+        client,
+    ):
+        with vrpc.call_options(metadata={"tenant": "blue"}):
+            seen = [line async for line in client.stub(Traced).stream_headers()]
+    span = _only(client_spans, "traced.v1/stream_headers")
+    assert span.context is not None
+    headers = dict(line.split("=", 1) for line in seen)
+    assert headers["tenant"] == "blue"
+    _version, trace_id, span_id, _flags = headers["traceparent"].split("-")
+    assert (int(trace_id, 16), int(span_id, 16)) == (span.context.trace_id, span.context.span_id)
+
+
+async def test_stream_span_status_on_error_and_on_early_close(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path, tracing: Any
+) -> None:
+    client_spans, _, client_tracing, _ = tracing
+    async with serve(uri_on("unix", tmp_path), [TracedImpl()], interceptors=[client_tracing]) as (
+        _,
+        client,
+    ):
+        stub = client.stub(Traced)
+        got: list[int] = []
+        with pytest.raises(vrpc.RpcError) as denied:
+            got.extend([i async for i in stub.count_then_fail(2)])
+        assert got == [] and denied.value.status is vrpc.Status.PERMISSION_DENIED
+        stream = stub.count(1000)
+        async for i in stream:
+            assert i == 0
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        # The connection is still usable: the abandoned stream was cancelled, not leaked.
+        assert [i async for i in stub.count(2)] == [0, 1]
+    failed = _only(client_spans, "traced.v1/count_then_fail")
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "PERMISSION_DENIED"
+    assert SECRET not in _everything_in(failed)
+    counts = [s for s in client_spans.get_finished_spans() if s.name == "traced.v1/count"]
+    assert [(s.attributes or {})[STATUS_CODE_ATTRIBUTE] for s in counts] == [1, 0]
+    assert counts[0].status.description == "CANCELLED"
+
+
+async def test_a_client_streaming_call_is_traced_to_its_result(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path, tracing: Any
+) -> None:
+    client_spans, server_spans, client_tracing, server_tracing = tracing
+
+    async def numbers() -> AsyncIterator[int]:
+        for n in (1, 2, 3):
+            yield n
+
+    async with serve(
+        uri_on("unix", tmp_path),
+        [TracedImpl()],
+        {"interceptors": [server_tracing]},
+        interceptors=[client_tracing],
+    ) as (_, client):
+        assert await client.stub(Traced).total(numbers()) == 6
+        # Ended as soon as the result arrived, though the stub stops iterating at the result.
+        client_span = _only(client_spans, "traced.v1/total")
+    assert (client_span.attributes or {})[STATUS_CODE_ATTRIBUTE] == 0
+    server_span = _only(server_spans, "traced.v1/total")
+    assert server_span.parent is not None and client_span.context is not None
+    assert server_span.parent.span_id == client_span.context.span_id
+
+
+class Tag(vrpc.ClientInterceptor):
+    """Adds metadata to unary calls only: the default ``intercept_stream`` passes streams on."""
+
+    async def intercept(
+        self, method: str, metadata: dict[str, Any], call_next: Callable[[], Any]
+    ) -> Any:
+        metadata["tag"] = "unary"
+        return await call_next()
+
+
+async def test_an_interceptor_without_intercept_stream_passes_streams_through(
+    serve: Callable[..., Any], uri_on: Callable[[str, Path], str], tmp_path: Path
+) -> None:
+    async with serve(uri_on("unix", tmp_path), [TracedImpl()], interceptors=[Tag()]) as (
+        _,
+        client,
+    ):
+        assert [i async for i in client.stub(Traced).count(2)] == [0, 1]
+        assert [h async for h in client.stub(Traced).stream_headers()] == []
+        assert (await client.stub(Traced).headers())["tag"] == "unary"

@@ -22,6 +22,7 @@ SKIPPED = {
     "vrpc serve services.keyvault.impl:create_server --listen vsock://": "needs AF_VSOCK",
     "vrpc attest policy measurements.json": "needs nitro-cli's measurements of a built image",
     "vrpc relay": "listens on every interface and relays to AF_VSOCK",
+    "vrpc enclave run": "needs nitro-cli and a Nitro host (tests/test_enclave_supervisor.py)",
 }
 
 

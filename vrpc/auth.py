@@ -27,7 +27,7 @@ import binascii
 import contextvars
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -251,3 +251,21 @@ class SessionSigner(ClientInterceptor):
                 raise
         await self._sign_into(metadata)
         return await call_next()
+
+    async def intercept_stream(
+        self,
+        method: str,
+        metadata: dict[str, Any],
+        call_next: Callable[[], AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
+        # Signed like a unary call; not sent again after a refusal (its request items may be
+        # consumed already), so a stream that meets a reconnect fails with UNAUTHENTICATED.
+        await self._sign_into(metadata)
+        items = call_next()
+        try:
+            async for item in items:
+                yield item
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()

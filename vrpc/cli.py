@@ -1,4 +1,4 @@
-"""The ``vrpc`` command line: serve, call, describe, attest, relay, metrics.
+"""The ``vrpc`` command line: serve, call, describe, attest, relay, metrics, enclave.
 
 Errors print one line to stderr, ``vrpc: ...``, and exit non-zero: 2 for a usage or input
 mistake (bad arguments, an unreadable file, nothing to serve), 1 for a failure (a call that
@@ -170,6 +170,9 @@ def _build_server(target: Any, args: argparse.Namespace) -> Any:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    forwarder = getattr(args, "log_forwarder", None)
+    if forwarder is not None:
+        await forwarder.start()  # first: the events of building the server are forwarded too
     server = _build_server(_load_target(args.target, args.app_dir), args)
     for uri in args.listen:
         await server.start(uri)
@@ -376,6 +379,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--seed", help="seed of the test attester's root (clients rebuild it)")
     serve.add_argument("--allow-plaintext", action="store_true")
+    serve.add_argument(
+        "--log-forward",
+        metavar="URI",
+        help="also serve every log event, redacted, as JSON lines to one reader connecting here "
+        "(in an enclave: vsock://ANY:5001, read by `vrpc enclave run` on the parent)",
+    )
     serve.set_defaults(func=_serve, run_async=True)
 
     call = commands.add_parser(
@@ -423,6 +432,9 @@ def _parser() -> argparse.ArgumentParser:
     from vrpc.cli_metrics import add_metrics_parser
 
     add_metrics_parser(commands, _add_client_options, _trust_kwargs)
+    from vrpc.cli_enclave import add_enclave_parser
+
+    add_enclave_parser(commands, parents=[logs])
     return parser
 
 
@@ -440,7 +452,13 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if getattr(args, "quiet", False):
         level = "error"
     else:
-        defaults = {"serve": "info", "relay": "info", "call": "error", "describe": "error"}
+        defaults = {
+            "serve": "info",
+            "relay": "info",
+            "enclave": "info",
+            "call": "error",
+            "describe": "error",
+        }
         default = defaults.get(args.command, "warning")
         level = getattr(args, "log_level", default)
     renderer: Any
@@ -448,12 +466,19 @@ def _configure_logging(args: argparse.Namespace) -> None:
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    forward: list[Any] = []
+    if getattr(args, "log_forward", None):
+        from vrpc.logforward import LogForwarder
+
+        args.log_forwarder = LogForwarder(args.log_forward)
+        forward.append(args.log_forwarder)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *forward,  # the complete event, before it is rendered for stderr
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LOG_LEVELS[level]),

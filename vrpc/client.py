@@ -303,6 +303,17 @@ class ClientInterceptor:
     ) -> Any:
         return await call_next()
 
+    def intercept_stream(
+        self,
+        method: str,
+        metadata: dict[str, Any],
+        call_next: Callable[[], AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
+        """Wraps a streaming call: ``call_next()`` starts it and returns its items. Override
+        with an async generator to act around the stream's whole lifetime; the default passes
+        the stream through."""
+        return call_next()
+
 
 class Client:
     """A connection (re-established on demand) to one vrpc server. Use ``vrpc.connect``."""
@@ -636,7 +647,7 @@ class Client:
             finally:
                 proto.finished(call_id)
 
-    async def stream(
+    def stream(
         self,
         method: str,
         args: list[Any],
@@ -648,6 +659,58 @@ class Client:
         convert: Callable[[Any], Any] = lambda x: x,
     ) -> AsyncIterator[Any]:
         """A streaming call: yields response items (or the single result for client streaming)."""
+        if self.interceptors:
+            return self._intercepted_stream(
+                method, args, request, stream_response, timeout, metadata, convert
+            )
+        return self._stream(method, args, request, stream_response, timeout, metadata, convert)
+
+    async def _intercepted_stream(
+        self,
+        method: str,
+        args: list[Any],
+        request: AsyncIterable[Any] | None,
+        stream_response: bool,
+        timeout: float | None,
+        metadata: dict[str, Any] | None,
+        convert: Callable[[Any], Any],
+    ) -> AsyncIterator[Any]:
+        options = _options.get()
+        if metadata is None and options is not None:
+            metadata = options.metadata
+        md = dict(metadata or {})
+        call_next: Callable[[], AsyncIterator[Any]] = lambda: self._stream(  # noqa: E731
+            method, args, request, stream_response, timeout, md or None, convert
+        )
+        for interceptor in reversed(self.interceptors):
+            call_next = _bind_client_stream(interceptor, method, md, call_next)
+        items = call_next()
+        try:
+            if not stream_response:
+                # One result: run the chain to its end before handing it over, so the
+                # interceptors see the call finish even if the caller stops iterating there.
+                for item in [item async for item in items]:
+                    yield item
+                return
+            async for item in items:
+                yield item
+        finally:
+            # Closed now rather than by the garbage collector: an interceptor's span or
+            # cleanup ends when the caller stops, in the caller's task.
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _stream(
+        self,
+        method: str,
+        args: list[Any],
+        request: AsyncIterable[Any] | None,
+        stream_response: bool,
+        timeout: float | None,
+        metadata: dict[str, Any] | None,
+        convert: Callable[[Any], Any],
+    ) -> AsyncIterator[Any]:
         options = _options.get()
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:
@@ -744,6 +807,15 @@ def _bind_client(
     interceptor: ClientInterceptor, method: str, md: dict[str, Any], nxt: Callable[[], Any]
 ) -> Callable[[], Any]:
     return lambda: interceptor.intercept(method, md, nxt)
+
+
+def _bind_client_stream(
+    interceptor: ClientInterceptor,
+    method: str,
+    md: dict[str, Any],
+    nxt: Callable[[], AsyncIterator[Any]],
+) -> Callable[[], AsyncIterator[Any]]:
+    return lambda: interceptor.intercept_stream(method, md, nxt)
 
 
 def connect(uri: str, **kwargs: Any) -> Client:

@@ -24,7 +24,7 @@ events for the same reason.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -98,9 +98,9 @@ class ClientTracing(ClientInterceptor):
 
     ``tracer_provider`` and ``propagator`` default to the globally configured ones.
 
-    Streaming calls (``client.stream`` and streaming stub methods) do not pass through client
-    interceptors; the server still traces them, as roots of their own traces unless the caller
-    sends the context itself (``vrpc.call_options(metadata=...)``).
+    A streaming call (``client.stream``, streaming stub methods) gets one span for its whole
+    lifetime: from the start of the call to its last item, its error, or the caller closing
+    the stream early (status CANCELLED).
     """
 
     def __init__(
@@ -132,6 +132,45 @@ class ClientTracing(ClientInterceptor):
                 raise
             _finish(span, Status.OK)
             return result
+
+    async def intercept_stream(
+        self,
+        method: str,
+        metadata: dict[str, Any],
+        call_next: Callable[[], AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
+        service, name = _split(method)
+        # Not made the current span: this generator's body runs in the caller's context between
+        # items, and may be closed from another one; the span is passed explicitly instead.
+        span = self._tracer.start_span(
+            f"{service}/{name}",
+            kind=SpanKind.CLIENT,
+            attributes=_attributes(method),
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        items: AsyncIterator[Any] | None = None
+        try:
+            propagator = self._propagator or propagate.get_global_textmap()
+            propagator.inject(metadata, context=trace.set_span_in_context(span))
+            items = call_next()
+            try:
+                async for item in items:
+                    yield item
+            except GeneratorExit:
+                _finish(span, Status.CANCELLED)  # the caller stopped before the end
+                raise
+            except BaseException as exc:
+                _finish(span, _status_of(exc))
+                raise
+            _finish(span, Status.OK)
+        finally:
+            try:
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # abandons the call now if the caller stopped early
+            finally:
+                span.end()
 
 
 class ServerTracing:

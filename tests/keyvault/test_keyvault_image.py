@@ -90,7 +90,7 @@ def test_entry_point_serves_keyvault_on_vsock_with_the_factory() -> None:
     argv = json.loads(entry[0])  # exec form: no shell between the enclave and the server
     assert argv[1:] == [
         "-m", "vrpc", "serve", "services.keyvault.impl:create_server",
-        "--listen", "vsock://ANY:5000",
+        "--listen", "vsock://ANY:5000", "--log-forward", "vsock://ANY:5001",
     ]  # fmt: skip
     assert argv[0].endswith("/python")
     from services.keyvault.impl import create_server
