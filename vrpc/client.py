@@ -93,8 +93,11 @@ class _ClientConnection(EndpointProtocol):
         self.peer_claims: Any = None
         self.channel_binding = b""
         self.mode = ""
-        # Calls waiting for a free slot under the server's limit, in arrival order.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Calls waiting for a free slot under the server's limit, in arrival order; calls to
+        # send again after a refusal as unprocessed wait apart, ahead of them.
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._resent: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._handed = 0  # slots given to woken waiters that have not started their call yet
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
         client = self.client
@@ -127,35 +130,70 @@ class _ClientConnection(EndpointProtocol):
         return not self.draining and self.endpoint.is_open and not self.endpoint.expired(now)
 
     def has_slot(self) -> bool:
-        return len(self.pending) < self.max_calls and not self._waiters
+        """A new call may start now without overtaking a call that waits."""
+        return (
+            len(self.pending) + self._handed < self.max_calls
+            and not self._waiters
+            and not self._resent
+        )
 
-    async def wait_for_slot(self) -> None:
-        """Wait, in order, until a call may start under the server's announced limit."""
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._waiters.append(waiter)
+    def room(self) -> bool:
+        """A slot is free for a call that was handed one (it has waited its turn)."""
+        return len(self.pending) + self._handed < self.max_calls
+
+    async def wait_for_slot(self, timeout: float | None, *, resend: bool = False) -> bool:
+        """Wait, in order, until a call may start under the server's announced limit; False
+        when ``timeout`` passes first. A call sent again after a refusal as unprocessed
+        (``resend``) was issued before every call still waiting: it goes ahead of them.
+
+        A woken call's slot stays reserved (``_handed``) until the caller, running again,
+        starts it with no await in between, so no later call can take it in the meantime."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        queue = self._resent if resend else self._waiters
+        queue.append(waiter)
+        timer = None if timeout is None else self.loop.call_later(timeout, self._expire, waiter)
         try:
             await waiter
         except BaseException:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            elif waiter.done() and not waiter.cancelled():
+            if waiter in queue:
+                queue.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.result():
+                self._handed -= 1
                 self._wake()  # we were handed a slot we will not use: pass it on
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if waiter.result():
+            self._handed -= 1
+            return True
+        return False
+
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            for queue in (self._resent, self._waiters):
+                if waiter in queue:
+                    queue.remove(waiter)
+            waiter.set_result(False)
 
     def _wake(self) -> None:
-        waiters = self._waiters
-        free = self.max_calls - len(self.pending)
-        while waiters and free > 0:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+        free = self.max_calls - len(self.pending) - self._handed
+        for queue in (self._resent, self._waiters):
+            while queue and free > 0:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(True)
+                    self._handed += 1
+                    free -= 1
 
     def _fail_waiters(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # they find the connection unusable and move on
+        for queue in (self._resent, self._waiters):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    # They find the connection unusable and move on to the next one.
+                    waiter.set_result(True)
+                    self._handed += 1
 
     # ------------------------------------------------------------------ calls
 
@@ -200,7 +238,7 @@ class _ClientConnection(EndpointProtocol):
         self.finished(call_id)
 
     def finished(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and self._waiters:
+        if self.pending.pop(call_id, None) is not None and (self._waiters or self._resent):
             self._wake()
         if self.draining and not self.pending:
             self.client._idle_retired(self)
@@ -363,7 +401,7 @@ class Client:
         self.interceptors = list(interceptors or ())
         self.audit = audit  # a vrpc.AuditTrail recording every attestation verdict
         self._proto: _ClientConnection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Task[_ClientConnection] | None = None
         self._retired: set[_ClientConnection] = set()
         self._closed = False
         self.peer_claims: Any = None
@@ -406,14 +444,30 @@ class Client:
             self._retire(proto)
         if self._closed:
             raise RpcError(Status.UNAVAILABLE, "the client is closed")
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            proto = self._proto
-            if proto is not None and proto.usable(monotonic()):
-                return proto
-            self._proto = await self._connect_with_retry()
-            return self._proto
+        # Every call that finds no connection shares one attempt and its outcome: a thousand
+        # calls queued on a server that went away learn it together, not one connect timeout
+        # after another.
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.get_running_loop().create_task(
+                self._connect_with_retry()
+            )
+            attempt.add_done_callback(self._connected)
+        proto = await asyncio.shield(attempt)
+        if self._closed:
+            raise RpcError(Status.UNAVAILABLE, "the client is closed")
+        return proto
+
+    def _connected(self, attempt: asyncio.Task[_ClientConnection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if attempt.cancelled() or attempt.exception() is not None:
+            return  # the callers awaiting it raise its error
+        proto = attempt.result()
+        if self._closed:
+            proto.close_gracefully("client closed")
+        else:
+            self._proto = proto
 
     async def _connect_with_retry(self) -> _ClientConnection:
         give_up = time.monotonic() + self.connect_timeout
@@ -423,7 +477,11 @@ class Client:
             try:
                 _, proto = await create_connection(self.uri, lambda: _ClientConnection(self))
                 assert isinstance(proto, _ClientConnection)
-                await proto.ready
+                try:
+                    await proto.ready
+                except asyncio.CancelledError:
+                    proto.close_gracefully("client closed")  # closed while connecting
+                    raise
             except (ConnectError, RpcError) as exc:
                 # vsock refuses at once until the enclave's server listens, and a server that
                 # restarts drops connections mid-handshake: retry those with backoff. A server
@@ -471,6 +529,8 @@ class Client:
         """Close every connection: our CLOSE, then the server's; calls still in flight are
         answered or refused by the server before its CLOSE (docs/protocol.md §4)."""
         self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         protos = [p for p in (self._proto, *self._retired) if p is not None]
         self._proto = None
         self._retired.clear()
@@ -533,14 +593,17 @@ class Client:
                 proto.abandon(call_id)
                 raise
             except RpcError as exc:
-                if _unprocessed(exc):
+                resend = _unprocessed(exc)
+                if resend:
                     used = 0  # never started: it does not count as an attempt
                 elif idempotent and exc.status is Status.UNAVAILABLE and self.retries > 0:
                     used = 1
                 else:
                     raise
                 log.info("retrying call", method=method, reason=exc.message)
-                return await self._unary(method, args, idempotent, None, None, None, used)
+                return await self._unary(
+                    method, args, idempotent, None, None, None, used, resend=resend
+                )
             finally:
                 proto.finished(call_id)
         options = _options.get()
@@ -566,13 +629,17 @@ class Client:
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
         used: int = 0,
+        *,
+        resend: bool = False,
     ) -> Any:
         """The general unary path: deadline, metadata, queueing, retries (``used`` attempts
         were already spent on the fast path)."""
         deadline = None if timeout is None else monotonic() + timeout
 
-        async def attempt(_: int) -> Any:
-            return await self._unary_once(method, args, deadline, metadata, options)
+        async def attempt(n: int) -> Any:
+            return await self._unary_once(
+                method, args, deadline, metadata, options, resend and n == 0
+            )
 
         return await retrying(
             attempt,
@@ -582,28 +649,24 @@ class Client:
             what=method,
         )
 
-    async def _slot(self, deadline: float | None) -> _ClientConnection:
+    async def _slot(self, deadline: float | None, *, resend: bool = False) -> _ClientConnection:
         """A connection with a free call slot, waiting in order behind earlier calls; a call
-        whose deadline passes while it waits never reaches the wire."""
+        whose deadline passes while it waits never reaches the wire. The caller must start its
+        call before its next await, or the slot may be taken."""
         while True:
             proto = await self._connection()
             if proto.has_slot():
                 return proto
-            wait = proto.wait_for_slot()
-            if deadline is None:
-                await wait
-            else:
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
-                try:
-                    await asyncio.wait_for(wait, remaining)
-                except TimeoutError:
-                    raise RpcError(
-                        Status.DEADLINE_EXCEEDED, "deadline exceeded while queued"
-                    ) from None
-            if proto.usable(monotonic()) and len(proto.pending) < proto.max_calls:
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+            if not await proto.wait_for_slot(remaining, resend=resend):
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+            if proto.usable(monotonic()) and proto.room():
                 return proto
+            # The connection closed or began draining while we waited: take a turn on the
+            # next one, still ahead of calls issued after us.
+            resend = True
 
     async def _unary_once(
         self,
@@ -612,9 +675,10 @@ class Client:
         deadline: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
+        resend: bool = False,
     ) -> Any:
         while True:
-            proto = await self._slot(deadline)
+            proto = await self._slot(deadline, resend=resend)
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -630,8 +694,9 @@ class Client:
                 if not _unprocessed(exc):
                     raise
                 # Refused before it started (over the limit before SETTINGS arrived, or the
-                # server began draining): send it again, in order, for any kind of call.
-                await asyncio.sleep(0)
+                # server began draining): send it again, ahead of the calls issued after it,
+                # for any kind of call.
+                resend = True
             finally:
                 proto.finished(call_id)
 
