@@ -241,9 +241,13 @@ async def test_pool_opens_connections_per_endpoint_and_uses_them(tmp_path: Path)
     ):
         assert server.connection_count == 4
         stub = p.stub(Work)
-        results = await asyncio.wait_for(
-            asyncio.gather(*(stub.work(i, 0.02) for i in range(200))), 30
-        )
+        calls = [asyncio.create_task(stub.work(i, 0.05)) for i in range(200)]
+        await asyncio.sleep(0.01)  # every call has found its connection; none has finished
+        # 32 running, the rest queued evenly behind the four full connections.
+        clients = p.endpoints[0].clients
+        assert [c.calls_in_flight for c in clients] == [limit] * 4
+        assert [c.calls_queued for c in clients] == [(200 - 4 * limit) // 4] * 4
+        results = await asyncio.wait_for(asyncio.gather(*calls), 30)
         assert results == [i * 2 for i in range(200)]
         assert server.connection_count == 4
     assert impl.max_in_flight == 4 * limit  # all four connections full at once
@@ -335,3 +339,28 @@ async def test_pool_over_three_servers_one_restarted_loses_no_call(tmp_path: Pat
         assert isinstance(exc, vrpc.RpcError) and exc.status is vrpc.Status.UNAVAILABLE, exc
         assert i in cut_off, f"call {i} failed but was not in flight on the stopped server: {exc}"
     assert restarted.started, "the restarted server got no calls back"
+
+
+async def test_pool_moves_any_call_off_a_server_at_its_connection_limit(tmp_path: Path) -> None:
+    """The refusal says the call never reached the server: even a non-idempotent call moves."""
+    uris = [sock_uri(tmp_path, f"c{i}") for i in range(2)]
+    impls = [WorkImpl(), WorkImpl()]
+    async with (
+        serving(uris[0], [impls[0]], max_connections=1) as full,
+        serving(uris[1], [impls[1]]),
+        pool(uris, health_interval=60, connect_timeout=5.0) as p,
+    ):
+        # The pool's connection to the first server goes away and another client takes the
+        # server's only connection slot.
+        first = p.endpoints[0].clients[0]
+        assert first._proto is not None
+        first._proto.close_gracefully("test")
+        await until(lambda: full.connection_count == 0, "the pool's connection to close")
+        async with client(uris[0]):
+            assert full.connection_count == 1
+            started = time.monotonic()
+            assert await p.stub(Work).work(3, 0) == 6  # not idempotent, still moved
+            took = time.monotonic() - started
+            assert impls[1].started == [3] and impls[0].started == []
+            assert p.endpoints[0].healthy is False
+            assert took < 2.0  # refused at once, not after the 5 s connect timeout

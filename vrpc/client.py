@@ -137,6 +137,10 @@ class _ClientConnection(EndpointProtocol):
             and not self._resent
         )
 
+    @property
+    def queued(self) -> int:
+        return len(self._waiters) + len(self._resent) + self._handed
+
     def room(self) -> bool:
         """A slot is free for a call that was handed one (it has waited its turn)."""
         return len(self.pending) + self._handed < self.max_calls
@@ -427,6 +431,12 @@ class Client:
     def calls_in_flight(self) -> int:
         proto = self._proto
         return 0 if proto is None else len(proto.pending)
+
+    @property
+    def calls_queued(self) -> int:
+        """Calls waiting in this client for a slot under the server's per-connection limit."""
+        proto = self._proto
+        return 0 if proto is None else proto.queued
 
     @property
     def saturated(self) -> bool:

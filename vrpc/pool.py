@@ -48,8 +48,10 @@ class _Endpoint:
         self.healthy = True
 
     def pick(self) -> Client:
-        """The connection with the most room: unsaturated first, then fewest calls in flight."""
-        return min(self.clients, key=lambda c: (c.saturated, c.calls_in_flight))
+        """The connection with the most room: unsaturated first, then the fewest calls in
+        flight or queued (calls queued behind a full connection count, or every call issued
+        while all are full would queue on the same one)."""
+        return min(self.clients, key=lambda c: (c.saturated, c.calls_in_flight + c.calls_queued))
 
     @property
     def saturated(self) -> bool:
