@@ -472,6 +472,8 @@ async def test_calls_in_flight_limit(serve: Serve) -> None:
         with pytest.raises(vrpc.RpcError) as info:
             await client.stub(Calls).remaining()
         assert info.value.status is vrpc.Status.RESOURCE_EXHAUSTED
+        assert info.value.message == "the server has 2 calls in flight"
+        assert info.value.details is None  # not marked unprocessed: the client does not resend
         impl.release.set()
         assert await wait_for(asyncio.gather(*tasks)) == ["released ", "released "]
         assert await client.stub(Calls).remaining() is None
