@@ -364,3 +364,57 @@ async def test_pool_moves_any_call_off_a_server_at_its_connection_limit(tmp_path
             assert impls[1].started == [3] and impls[0].started == []
             assert p.endpoints[0].healthy is False
             assert took < 2.0  # refused at once, not after the 5 s connect timeout
+
+
+async def test_a_saturated_endpoint_stays_healthy_while_calls_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A health probe would wait behind the queued calls and time out: a busy endpoint must not
+    be taken for a dead one (new calls would find no healthy endpoint)."""
+    monkeypatch.setattr("vrpc.pool.PROBE_TIMEOUT", 0.05)
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    async with (
+        serving(uri, [impl], max_calls_per_connection=2),
+        pool([uri], health_interval=0.02) as p,
+    ):
+        stub = p.stub(Work)
+        held = [asyncio.create_task(stub.hold(i)) for i in range(2)]
+        await until(lambda: len(impl.started) == 2, "two calls running")
+        queued = asyncio.create_task(stub.work(5, 0))
+        await asyncio.sleep(0.3)  # many probe intervals, each longer than the probe timeout
+        assert p.endpoints[0].healthy
+        impl.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*held, queued), 5) == [0, 1, 10]
+        assert await stub.work(6, 0) == 12
+
+
+async def test_a_woken_call_cancelled_before_it_runs_passes_its_turn_on(
+    tmp_path: Path,
+) -> None:
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    async with serving(uri, [impl], max_calls_per_connection=1), client(uri) as c:
+        stub = c.stub(Work)
+        held = asyncio.create_task(stub.hold(0))
+        await until(lambda: len(impl.started) == 1, "one call running")
+        first = asyncio.create_task(stub.work(1, 0))
+        second = asyncio.create_task(stub.work(2, 0))
+        await asyncio.sleep(0.05)
+        proto = c._proto
+        assert proto is not None and c.calls_queued == 2
+        wake = proto._wake
+
+        def wake_then_cancel() -> None:
+            wake()  # hands the free slot to ``first``...
+            if not first.done() and not first.cancelling():
+                first.cancel()  # ...which is cancelled before it runs
+
+        proto._wake = wake_then_cancel  # type: ignore[method-assign]
+        impl.release.set()
+        assert await asyncio.wait_for(held, 5) == 0
+        assert await asyncio.wait_for(second, 5) == 4  # the slot reached the next in line
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert c.calls_queued == 0 and c.calls_in_flight == 0
+    assert impl.started == [0, 2]

@@ -36,6 +36,7 @@ log = structlog.get_logger("vrpc.pool")
 T = TypeVar("T", bound=Service)
 
 MAX_CONNECTIONS_PER_ENDPOINT = 16
+PROBE_TIMEOUT = 2.0  # seconds a health check may take before its endpoint counts as unhealthy
 
 
 class _Endpoint:
@@ -100,9 +101,17 @@ class Pool:
         await asyncio.gather(*(c.close() for e in self.endpoints for c in e.clients))
 
     async def _probe(self, endpoint: _Endpoint) -> None:
+        if endpoint.healthy and endpoint.saturated:
+            # Every connection is full and calls wait behind them: the endpoint is serving. A
+            # probe would wait in the same queue and could time out there, taking a busy
+            # endpoint for a dead one; a dead connection fails its calls, which marks it.
+            return
         try:
             statuses = await asyncio.gather(
-                *(c.call("vrpc.health.check", [""], timeout=2.0) for c in endpoint.clients)
+                *(
+                    c.call("vrpc.health.check", [""], timeout=PROBE_TIMEOUT)
+                    for c in endpoint.clients
+                )
             )
             healthy = all(status == "SERVING" for status in statuses)
         except Exception as exc:  # attestation failures included: never route to that endpoint
