@@ -418,3 +418,33 @@ async def test_a_woken_call_cancelled_before_it_runs_passes_its_turn_on(
             await first
         assert c.calls_queued == 0 and c.calls_in_flight == 0
     assert impl.started == [0, 2]
+
+
+async def test_many_queued_calls_expire_or_are_cancelled_and_the_queue_empties(
+    tmp_path: Path,
+) -> None:
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    async with serving(uri, [impl], max_calls_per_connection=1), client(uri) as c:
+        stub = c.stub(Work)
+        held = asyncio.create_task(stub.hold(0))
+        await until(lambda: len(impl.started) == 1, "one call running")
+        with vrpc.call_options(timeout=0.05):
+            expiring = [asyncio.create_task(stub.work(i, 0)) for i in range(1, 201)]
+        cancelled = [asyncio.create_task(stub.work(i, 0)) for i in range(201, 401)]
+        await asyncio.sleep(0.01)
+        assert c.calls_queued == 400
+        for task in cancelled:
+            task.cancel()
+        outcomes = await asyncio.gather(*expiring, *cancelled, return_exceptions=True)
+        assert all(
+            isinstance(o, vrpc.RpcError) and o.status is vrpc.Status.DEADLINE_EXCEEDED
+            for o in outcomes[:200]
+        )
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[200:])
+        assert c.calls_queued == 0 and c.calls_in_flight == 1
+        impl.release.set()
+        assert await asyncio.wait_for(held, 5) == 0
+        assert not c.saturated  # nothing waits: a new call starts at once
+        assert await stub.work(500, 0) == 1000
+    assert impl.started == [0, 500]

@@ -97,6 +97,7 @@ class _ClientConnection(EndpointProtocol):
         # send again after a refusal as unprocessed wait apart, ahead of them.
         self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._resent: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._waiting = 0  # waiters neither woken, timed out nor cancelled
         self._handed = 0  # slots given to woken waiters that have not started their call yet
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
@@ -131,15 +132,11 @@ class _ClientConnection(EndpointProtocol):
 
     def has_slot(self) -> bool:
         """A new call may start now without overtaking a call that waits."""
-        return (
-            len(self.pending) + self._handed < self.max_calls
-            and not self._waiters
-            and not self._resent
-        )
+        return len(self.pending) + self._handed < self.max_calls and not self._waiting
 
     @property
     def queued(self) -> int:
-        return len(self._waiters) + len(self._resent) + self._handed
+        return self._waiting + self._handed
 
     def room(self) -> bool:
         """A slot is free for a call that was handed one (it has waited its turn)."""
@@ -151,34 +148,41 @@ class _ClientConnection(EndpointProtocol):
         (``resend``) was issued before every call still waiting: it goes ahead of them.
 
         A woken call's slot stays reserved (``_handed``) until the caller, running again,
-        starts it with no await in between, so no later call can take it in the meantime."""
+        starts it with no await in between, so no later call can take it in the meantime.
+        A waiter that times out or is cancelled stays in its queue, done, and is skipped when
+        its turn comes: removing it from the middle would cost O(queue) each time."""
         waiter: asyncio.Future[bool] = self.loop.create_future()
-        queue = self._resent if resend else self._waiters
-        queue.append(waiter)
+        (self._resent if resend else self._waiters).append(waiter)
+        self._waiting += 1
         timer = None if timeout is None else self.loop.call_later(timeout, self._expire, waiter)
         try:
-            await waiter
+            handed = await waiter
         except BaseException:
-            if waiter in queue:
-                queue.remove(waiter)
-            elif waiter.done() and not waiter.cancelled() and waiter.result():
+            if not waiter.done() or waiter.cancelled():
+                waiter.cancel()
+                self._left_queue()
+            elif waiter.result():
                 self._handed -= 1
                 self._wake()  # we were handed a slot we will not use: pass it on
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        if waiter.result():
+        if handed:
             self._handed -= 1
-            return True
-        return False
+        return handed
+
+    def _left_queue(self) -> None:
+        self._waiting -= 1
+        if not self._waiting:
+            # Only done waiters are left: drop them so the queues do not hold them.
+            self._waiters.clear()
+            self._resent.clear()
 
     def _expire(self, waiter: asyncio.Future[bool]) -> None:
         if not waiter.done():
-            for queue in (self._resent, self._waiters):
-                if waiter in queue:
-                    queue.remove(waiter)
             waiter.set_result(False)
+            self._left_queue()
 
     def _wake(self) -> None:
         free = self.max_calls - len(self.pending) - self._handed
@@ -188,6 +192,7 @@ class _ClientConnection(EndpointProtocol):
                 if not waiter.done():
                     waiter.set_result(True)
                     self._handed += 1
+                    self._waiting -= 1
                     free -= 1
 
     def _fail_waiters(self) -> None:
@@ -198,6 +203,7 @@ class _ClientConnection(EndpointProtocol):
                     # They find the connection unusable and move on to the next one.
                     waiter.set_result(True)
                     self._handed += 1
+                    self._waiting -= 1
 
     # ------------------------------------------------------------------ calls
 
@@ -242,7 +248,7 @@ class _ClientConnection(EndpointProtocol):
         self.finished(call_id)
 
     def finished(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and (self._waiters or self._resent):
+        if self.pending.pop(call_id, None) is not None and self._waiting:
             self._wake()
         if self.draining and not self.pending:
             self.client._idle_retired(self)
