@@ -281,6 +281,8 @@ async def test_twice_max_connections_clients_the_excess_refused_at_once(tmp_path
                 assert exc.message == "server at connection limit"
                 assert took < 2.0  # answered, not left to the 5 s connect timeout
             assert server.connection_count == limit
+            took_ms = sorted(t * 1000 for t, _ in refused)
+            print(f"\nrefused in {took_ms[0]:.1f}-{took_ms[-1]:.1f} ms during {limit} handshakes")
             served = [c for c, (_, exc) in zip(clients, outcomes, strict=True) if exc is None]
             answers = await asyncio.gather(*(c.stub(Work).work(i, 0) for i, c in enumerate(served)))
             assert answers == [i * 2 for i in range(limit)]
@@ -448,3 +450,16 @@ async def test_many_queued_calls_expire_or_are_cancelled_and_the_queue_empties(
         assert not c.saturated  # nothing waits: a new call starts at once
         assert await stub.work(500, 0) == 1000
     assert impl.started == [0, 500]
+
+
+async def test_a_pool_with_no_healthy_endpoint_refuses_before_sending(tmp_path: Path) -> None:
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    async with serving(uri, [impl]), pool([uri], health_interval=60) as p:
+        p.endpoints[0].healthy = False  # as after a failure, until the next health check
+        with pytest.raises(vrpc.RpcError) as info:
+            await p.stub(Work).work(1, 0)
+        assert info.value.status is vrpc.Status.UNAVAILABLE
+        assert info.value.message == "no healthy endpoint in the pool"
+        assert info.value.details == {"unprocessed": True}  # safe to send again later
+    assert impl.started == []

@@ -25,7 +25,7 @@ import structlog
 from vrpc._retry import retrying
 from vrpc.client import Client
 from vrpc.exceptions import RpcError
-from vrpc.proto.connection import is_unprocessed
+from vrpc.proto.connection import UNPROCESSED, is_unprocessed
 from vrpc.service import Service
 from vrpc.status import Status
 from vrpc.stub import make_stub
@@ -129,7 +129,8 @@ class Pool:
         if not candidates:
             candidates = [e for e in self.endpoints if e.healthy]
         if not candidates:
-            raise RpcError(Status.UNAVAILABLE, "no healthy endpoint in the pool")
+            # Nothing was sent: the caller may try again later, whatever the call.
+            raise RpcError(Status.UNAVAILABLE, "no healthy endpoint in the pool", UNPROCESSED)
         return min(candidates, key=lambda e: (e.saturated, e.outstanding))
 
     async def call(
