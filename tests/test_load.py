@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 import vrpc
 from tests.hostile_helpers import RawSession, attester, client, serving, sock_uri
@@ -463,3 +464,40 @@ async def test_a_pool_with_no_healthy_endpoint_refuses_before_sending(tmp_path: 
         assert info.value.message == "no healthy endpoint in the pool"
         assert info.value.details == {"unprocessed": True}  # safe to send again later
     assert impl.started == []
+
+
+async def test_a_refusal_at_the_connection_limit_logs_one_line(tmp_path: Path) -> None:
+    uri = sock_uri(tmp_path)
+    async with serving(uri, [WorkImpl()], max_connections=1), client(uri) as held:
+        assert held.calls_in_flight == 0
+        extra = client(uri)
+        with structlog.testing.capture_logs() as logs, pytest.raises(vrpc.RpcError):
+            await extra.connect()
+        await extra.close()
+        await asyncio.sleep(0.05)  # the server side of the refused connection ends
+    events = [entry["event"] for entry in logs if entry["log_level"] == "warning"]
+    assert events == ["connection refused"]
+
+
+async def test_calls_waiting_for_a_connection_share_one_attempt(tmp_path: Path) -> None:
+    """50 calls to a server that is not there learn it together after one connect attempt
+    (about ``connect_timeout``), not one attempt after another (50 x 0.3 s)."""
+    uri = sock_uri(tmp_path, "nobody")
+    c = client(uri, connect_timeout=0.3)
+    try:
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(c.stub(Work).work(i, 0) for i in range(50)), return_exceptions=True),
+            10,
+        )
+        took = time.monotonic() - started
+    finally:
+        await c.close()
+    assert all(
+        isinstance(o, vrpc.RpcError)
+        and o.status is vrpc.Status.UNAVAILABLE
+        and o.details == {"unprocessed": True}
+        for o in outcomes
+    ), outcomes[:3]
+    assert len({str(o) for o in outcomes}) == 1  # the same attempt's outcome for all
+    assert took < 5.0, took

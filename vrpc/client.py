@@ -411,7 +411,7 @@ class Client:
         self.interceptors = list(interceptors or ())
         self.audit = audit  # a vrpc.AuditTrail recording every attestation verdict
         self._proto: _ClientConnection | None = None
-        self._connecting: asyncio.Task[_ClientConnection] | None = None
+        self._connecting: asyncio.Future[_ClientConnection | None] | None = None
         self._retired: set[_ClientConnection] = set()
         self._closed = False
         self.peer_claims: Any = None
@@ -462,28 +462,42 @@ class Client:
             raise RpcError(Status.UNAVAILABLE, "the client is closed")
         # Every call that finds no connection shares one attempt and its outcome: a thousand
         # calls queued on a server that went away learn it together, not one connect timeout
-        # after another.
-        attempt = self._connecting
-        if attempt is None:
-            attempt = self._connecting = asyncio.get_running_loop().create_task(
-                self._connect_with_retry()
-            )
-            attempt.add_done_callback(self._connected)
-        proto = await asyncio.shield(attempt)
-        if self._closed:
-            raise RpcError(Status.UNAVAILABLE, "the client is closed")
-        return proto
+        # after another. The first caller connects inline (no extra task, no extra loop turn);
+        # the others wait for its outcome.
+        for _ in range(1000):  # bounded: each turn follows a leader that was cancelled
+            outcome = self._connecting
+            if outcome is None:
+                return await self._lead_connect()
+            proto = await asyncio.shield(outcome)
+            if self._closed:
+                raise RpcError(Status.UNAVAILABLE, "the client is closed")
+            if proto is not None:
+                return proto
+        raise RpcError(Status.UNAVAILABLE, f"cannot connect to {self.uri}: attempts cancelled")
 
-    def _connected(self, attempt: asyncio.Task[_ClientConnection]) -> None:
-        if self._connecting is attempt:
+    async def _lead_connect(self) -> _ClientConnection:
+        outcome: asyncio.Future[_ClientConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._connecting = outcome
+        try:
+            proto = await self._connect_with_retry()
+        except asyncio.CancelledError:
+            outcome.set_result(None)  # this caller gave up: a waiting one tries itself
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved here: no waiter may be left to retrieve it
+            raise
+        finally:
             self._connecting = None
-        if attempt.cancelled() or attempt.exception() is not None:
-            return  # the callers awaiting it raise its error
-        proto = attempt.result()
         if self._closed:
             proto.close_gracefully("client closed")
-        else:
-            self._proto = proto
+            outcome.set_result(None)
+            raise RpcError(Status.UNAVAILABLE, "the client is closed")
+        self._proto = proto
+        outcome.set_result(proto)
+        return proto
 
     async def _connect_with_retry(self) -> _ClientConnection:
         give_up = time.monotonic() + self.connect_timeout
@@ -545,8 +559,6 @@ class Client:
         """Close every connection: our CLOSE, then the server's; calls still in flight are
         answered or refused by the server before its CLOSE (docs/protocol.md §4)."""
         self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()
         protos = [p for p in (self._proto, *self._retired) if p is not None]
         self._proto = None
         self._retired.clear()

@@ -251,7 +251,9 @@ class _ServerConnection(EndpointProtocol):
         for gate in self.credit_gates.values():
             gate.open()
         if ev.in_handshake:
-            if ev.error is not None:
+            # A connection refused at the limit already logged "connection refused": one line
+            # per refusal, so a connection storm does not double the log.
+            if ev.error is not None and counted:
                 log.warning(
                     "handshake failed",
                     peer=self.peer_address,
