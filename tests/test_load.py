@@ -501,3 +501,22 @@ async def test_calls_waiting_for_a_connection_share_one_attempt(tmp_path: Path) 
     ), outcomes[:3]
     assert len({str(o) for o in outcomes}) == 1  # the same attempt's outcome for all
     assert took < 5.0, took
+
+
+async def test_streams_refused_before_the_announcement_are_sent_again(tmp_path: Path) -> None:
+    """Streams opened the moment the session is up go out before the server's SETTINGS arrive
+    (the client assumes 100); those over the server's limit of 4 are refused as unprocessed and
+    sent again, so every stream completes."""
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    impl.release.set()
+    async with serving(uri, [impl], max_calls_per_connection=4), client(uri) as c:
+        assert c._proto is not None and c._proto.conn.peer_max_calls is None  # not yet known
+        stub = c.stub(Work)
+
+        async def drain(i: int) -> list[int]:
+            return [k async for k in stub.items(i, 3)]
+
+        got = await asyncio.wait_for(asyncio.gather(*(drain(i) for i in range(10))), 10)
+    assert got == [[0, 1, 2]] * 10
+    assert sorted(impl.started) == list(range(10))  # each ran once: the refused never started

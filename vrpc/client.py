@@ -745,54 +745,73 @@ class Client:
         if metadata is None and options is not None:
             metadata = options.metadata
         deadline = None if timeout is None else monotonic() + timeout
-        proto = await self._slot(deadline)
-        conn = proto.conn
-        call_id, pending = proto.start(
-            method,
-            args,
-            options,
-            timeout=None if deadline is None else max(0.0, deadline - monotonic()),
-            metadata=metadata,
-            stream_request=request is not None,
-            stream_response=stream_response,
-        )
-        future = pending.future
-        if stream_response:
-            pending.items = asyncio.Queue()
-        pending.gate = FlowGate()
-        sender = None
-        if request is not None:
-            sender = proto.loop.create_task(self._send_items(proto, call_id, pending, request))
-        try:
-            if not stream_response:
-                yield convert(await future)
-                return
-            assert pending.items is not None
-            items = pending.items
-            while True:
-                if items.empty():
-                    getter = asyncio.ensure_future(items.get())
-                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        if future.done() and items.empty():
-                            future.result()  # raises the call's error
-                            return
-                        continue
-                    item, size = getter.result()
-                else:
-                    item, size = items.get_nowait()
-                conn.consumed(call_id, size)
-                proto.schedule_flush()
-                yield convert(item)
-        finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
-            proto.abandon(call_id)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()
+        resend = False
+        # Bounded: each further turn follows a refusal of a call the server never started.
+        for _ in range(100):
+            proto = await self._slot(deadline, resend=resend)
+            resend = False
+            conn = proto.conn
+            call_id, pending = proto.start(
+                method,
+                args,
+                options,
+                timeout=None if deadline is None else max(0.0, deadline - monotonic()),
+                metadata=metadata,
+                stream_request=request is not None,
+                stream_response=stream_response,
+            )
+            future = pending.future
+            if stream_response:
+                pending.items = asyncio.Queue()
+            pending.gate = FlowGate()
+            sender = None
+            if request is not None:
+                sender = proto.loop.create_task(self._send_items(proto, call_id, pending, request))
+            yielded = False
+            try:
+                if not stream_response:
+                    yield convert(await future)
+                    return
+                assert pending.items is not None
+                items = pending.items
+                while True:
+                    if items.empty():
+                        getter = asyncio.ensure_future(items.get())
+                        await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                        if not getter.done():
+                            getter.cancel()
+                            if future.done() and items.empty():
+                                # Refused before it started (over the limit before SETTINGS
+                                # arrived, or it crossed a GOAWAY): nothing was consumed on
+                                # either side, so it is sent again, ahead of later calls.
+                                exc = None if future.cancelled() else future.exception()
+                                resend = (
+                                    not yielded
+                                    and request is None
+                                    and isinstance(exc, RpcError)
+                                    and _unprocessed(exc)
+                                )
+                                if resend:
+                                    break
+                                future.result()  # raises the call's error
+                                return
+                            continue
+                        item, size = getter.result()
+                    else:
+                        item, size = items.get_nowait()
+                    conn.consumed(call_id, size)
+                    proto.schedule_flush()
+                    yielded = True
+                    yield convert(item)
+            finally:
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                proto.abandon(call_id)
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
+        raise RpcError(Status.UNAVAILABLE, f"{method}: refused as unprocessed 100 times")
 
     async def _send_items(
         self, proto: _ClientConnection, call_id: int, pending: _Pending, request: AsyncIterable[Any]
