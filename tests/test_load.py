@@ -520,3 +520,32 @@ async def test_streams_refused_before_the_announcement_are_sent_again(tmp_path: 
         got = await asyncio.wait_for(asyncio.gather(*(drain(i) for i in range(10))), 10)
     assert got == [[0, 1, 2]] * 10
     assert sorted(impl.started) == list(range(10))  # each ran once: the refused never started
+
+
+async def test_calls_queued_on_a_draining_connection_move_to_the_next_at_once(
+    tmp_path: Path,
+) -> None:
+    uri = sock_uri(tmp_path)
+    old, new = WorkImpl(), WorkImpl()
+    c = client(uri)
+    try:
+        async with serving(uri, [old], max_calls_per_connection=2) as old_server:
+            stub = c.stub(Work)
+            held = [asyncio.create_task(stub.hold(i)) for i in range(2)]
+            await until(lambda: len(old.started) == 2, "two calls running")
+            queued = asyncio.create_task(stub.work(7, 0))
+            await asyncio.sleep(0.05)
+            assert c.calls_queued == 1
+            draining = c._proto
+            assert draining is not None
+            closing = asyncio.create_task(old_server.close(grace=30))  # GOAWAY, calls go on
+            await until(lambda: draining.draining, "GOAWAY received")
+            async with serving(uri, [new], max_calls_per_connection=2):
+                # Answered by the new server while the old one still runs its two calls.
+                assert await asyncio.wait_for(queued, 5) == 14
+                assert new.started == [7] and not any(t.done() for t in held)
+                old.release.set()
+                assert await asyncio.wait_for(asyncio.gather(*held), 5) == [0, 1]
+                await asyncio.wait_for(closing, 5)
+    finally:
+        await c.close()

@@ -195,7 +195,7 @@ class _ClientConnection(EndpointProtocol):
                     self._waiting -= 1
                     free -= 1
 
-    def _fail_waiters(self) -> None:
+    def _release_waiters(self) -> None:
         for queue in (self._resent, self._waiters):
             while queue:
                 waiter = queue.popleft()
@@ -321,7 +321,7 @@ class _ClientConnection(EndpointProtocol):
                 pending.future.set_exception(RpcError(Status.UNAVAILABLE, reason))
             if pending.gate is not None:
                 pending.gate.open()
-        self._fail_waiters()
+        self._release_waiters()
         self.client._connection_lost(self)
 
 
@@ -538,6 +538,9 @@ class Client:
 
     def _retire(self, proto: _ClientConnection) -> None:
         proto.draining = True
+        # Calls queued for this connection would otherwise wait for its last calls to finish:
+        # they move to the next connection now, ahead of calls issued after them.
+        proto._release_waiters()
         if self._proto is proto:
             self._proto = None
         if proto.pending:
