@@ -549,3 +549,35 @@ async def test_calls_queued_on_a_draining_connection_move_to_the_next_at_once(
                 await asyncio.wait_for(closing, 5)
     finally:
         await c.close()
+
+
+async def test_a_server_refusing_what_it_announced_cannot_hold_a_call_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server announcing 1,000 calls but serving 1 refuses the second as unprocessed every
+    time it is sent: after MAX_RESENDS further sends the caller gets the refusal."""
+    from vrpc.proto import connection
+
+    announce = connection.Connection.send_settings
+
+    def overstated(self: connection.Connection) -> None:
+        self.max_concurrent_calls, real = 1000, self.max_concurrent_calls
+        announce(self)
+        self.max_concurrent_calls = real
+
+    monkeypatch.setattr(connection.Connection, "send_settings", overstated)
+    monkeypatch.setattr("vrpc.client.MAX_RESENDS", 3)
+    uri = sock_uri(tmp_path)
+    impl = WorkImpl()
+    async with serving(uri, [impl], max_calls_per_connection=1), client(uri) as c:
+        await until(lambda: c._proto is not None and c._proto.conn.peer_max_calls, "SETTINGS")
+        held = asyncio.create_task(c.stub(Work).hold(0))
+        await until(lambda: len(impl.started) == 1, "one call running")
+        with pytest.raises(vrpc.RpcError) as info:
+            await asyncio.wait_for(c.stub(Work).work(1, 0), 5)
+        assert info.value.status is vrpc.Status.RESOURCE_EXHAUSTED
+        assert info.value.details == {"unprocessed": True}
+        assert not held.done()
+        impl.release.set()
+        assert await asyncio.wait_for(held, 5) == 0
+    assert impl.started == [0]

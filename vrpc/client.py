@@ -64,6 +64,9 @@ T = TypeVar("T", bound=Service)
 # Calls a client sends before the server's SETTINGS tell it the real limit. A server with a lower
 # limit refuses the excess as unprocessed, and the client sends those again (docs/protocol.md).
 INITIAL_MAX_CALLS = 100
+# Times a call refused as unprocessed is sent again before the refusal reaches the caller: a
+# server that keeps refusing what it announced it would serve must not hold a call forever.
+MAX_RESENDS = 100
 
 
 class _Pending:
@@ -708,7 +711,7 @@ class Client:
         options: CallOptions | None,
         resend: bool = False,
     ) -> Any:
-        while True:
+        for turn in range(MAX_RESENDS + 1):
             proto = await self._slot(deadline, resend=resend)
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
@@ -722,7 +725,7 @@ class Client:
                 proto.abandon(call_id)
                 raise
             except RpcError as exc:
-                if not _unprocessed(exc):
+                if not _unprocessed(exc) or turn == MAX_RESENDS:
                     raise
                 # Refused before it started (over the limit before SETTINGS arrived, or the
                 # server began draining): send it again, ahead of the calls issued after it,
@@ -730,6 +733,7 @@ class Client:
                 resend = True
             finally:
                 proto.finished(call_id)
+        raise AssertionError("the last turn returns or raises")
 
     async def stream(
         self,
@@ -750,7 +754,7 @@ class Client:
         deadline = None if timeout is None else monotonic() + timeout
         resend = False
         # Bounded: each further turn follows a refusal of a call the server never started.
-        for _ in range(100):
+        for _ in range(MAX_RESENDS + 1):
             proto = await self._slot(deadline, resend=resend)
             resend = False
             conn = proto.conn
@@ -814,7 +818,9 @@ class Client:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()
-        raise RpcError(Status.UNAVAILABLE, f"{method}: refused as unprocessed 100 times")
+        raise RpcError(
+            Status.UNAVAILABLE, f"{method}: refused as unprocessed {MAX_RESENDS + 1} times"
+        )
 
     async def _send_items(
         self, proto: _ClientConnection, call_id: int, pending: _Pending, request: AsyncIterable[Any]
