@@ -5,6 +5,18 @@ and client-streaming calls, each client reconnecting every few calls. Every ackn
 checked against what was sent. After the run (and a warm-up that fills caches and pools), the
 process must be back where it was: no leaked tasks, no leaked file descriptors, bounded RSS
 growth. Prints one summary line; exits 1 if any check fails.
+
+Then the load scenarios (``--load-calls``, 0 to skip), each printing one line of figures:
+
+- one client issuing ``--load-calls`` (10,000) calls at once against a per-connection limit a
+  tenth of that: every call answered correctly, none refused, the connection kept full; the
+  time each call waited in the client's queue (p50/p99) and RSS before/after;
+- twice ``max_connections`` clients connecting at once: the excess refused with UNAVAILABLE
+  "server at connection limit" (time to refuse p50/max), the rest served;
+- a pool over three servers, one stopped with calls in flight and restarted: every call
+  accounted for (idempotent ones all succeed; a non-idempotent one fails with UNAVAILABLE only if
+  it was running on the stopped server); failover time (stop to the last cut-off idempotent call
+  answered elsewhere) and the time until the restarted server serves again.
 """
 
 from __future__ import annotations
@@ -28,6 +40,9 @@ import vrpc
 from services.echo import Echo, EchoImpl
 
 RSS_BOUND = 48 * 1024 * 1024
+# Memory the fan-out scenario may keep after it ends: the allocator keeps the pools it grew for
+# 10,000 calls in flight (about 45 MiB measured).
+LOAD_RSS_BOUND = 96 * 1024 * 1024
 
 
 @dataclass
@@ -162,12 +177,279 @@ async def soak(seconds: float, clients: int) -> int:
     return 1 if problems else 0
 
 
+# ---------------------------------------------------------------------------- load scenarios
+
+
+class Work(vrpc.Service, name="soakload.v1"):
+    @vrpc.rpc
+    async def work(self, i: int, seconds: float) -> int: ...
+
+    @vrpc.rpc(idempotent=True)
+    async def lookup(self, i: int, seconds: float) -> int: ...
+
+
+class WorkImpl(Work):
+    """Records when each call started (same process, same clock), which ones finished, and
+    the most calls it ran at once."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, float] = {}
+        self.finished: set[int] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def work(self, i: int, seconds: float) -> int:
+        self.started[i] = time.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.in_flight -= 1
+        self.finished.add(i)
+        return i * 2
+
+    async def lookup(self, i: int, seconds: float) -> int:
+        return await self.work(i, seconds)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def row(cells: list[str]) -> None:
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+async def load_fan_out(tmp: str, attester: vrpc.InsecureTestAttester, calls: int) -> list[str]:
+    """One client, ``calls`` concurrent calls, a per-connection limit of a tenth of that."""
+    limit = max(1, calls // 10)
+    uri = f"unix://{tmp}/fanout.sock"
+    impl = WorkImpl()
+    problems = []
+    gc.collect()
+    rss0 = rss_bytes()
+    server = vrpc.Server([impl], attester=attester, max_calls_per_connection=limit)
+    await server.start(uri)
+    try:
+        async with vrpc.connect(uri, policy=attester.policy(), root=attester.trust_root()) as c:
+            stub = c.stub(Work)
+            issued: dict[int, float] = {}
+
+            async def one(i: int) -> int:
+                issued[i] = time.monotonic()
+                return await stub.work(i, 0.05)
+
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(one(i) for i in range(calls)), return_exceptions=True), 300
+            )
+            elapsed = time.monotonic() - started
+            rss_peak = rss_bytes()
+    finally:
+        await server.close(grace=1.0)
+    gc.collect()
+    rss1 = rss_bytes()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    wrong = sum(1 for i, r in enumerate(results) if r != i * 2 and not isinstance(r, BaseException))
+    waited = [impl.started[i] - issued[i] for i in impl.started]
+    if errors:
+        problems.append(f"fan-out: {len(errors)} of {calls} calls failed: {errors[:3]}")
+    if wrong:
+        problems.append(f"fan-out: {wrong} results did not match")
+    if len(impl.started) != calls:
+        problems.append(f"fan-out: the server ran {len(impl.started)} of {calls} calls")
+    if impl.max_in_flight > limit:
+        problems.append(f"fan-out: {impl.max_in_flight} calls ran at once, limit {limit}")
+    if rss1 - rss0 > LOAD_RSS_BOUND:
+        problems.append(f"fan-out: RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB")
+    row(
+        [
+            "load: one client",
+            f"{calls} concurrent calls, limit {limit}/connection",
+            f"{len(errors)} errors, {wrong} mismatches",
+            f"{impl.max_in_flight} in flight sustained",
+            f"{calls / elapsed:,.0f} calls/s",
+            f"queued p50 {pct(waited, 0.5) * 1000:.0f} ms p99 {pct(waited, 0.99) * 1000:.0f} ms",
+            f"RSS {rss0 / 2**20:.1f}->{rss_peak / 2**20:.1f} (peak)->{rss1 / 2**20:.1f} MiB",
+        ]
+    )
+    return problems
+
+
+async def load_connection_limit(
+    tmp: str, attester: vrpc.InsecureTestAttester, max_connections: int
+) -> list[str]:
+    """Twice ``max_connections`` clients connect at once: the excess is refused at once."""
+    uri = f"unix://{tmp}/limit.sock"
+    impl = WorkImpl()
+    problems = []
+    server = vrpc.Server([impl], attester=attester, max_connections=max_connections)
+    await server.start(uri)
+    clients = [
+        vrpc.connect(uri, policy=attester.policy(), root=attester.trust_root(), connect_timeout=30)
+        for _ in range(2 * max_connections)
+    ]
+
+    async def connect(c: vrpc.Client) -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            await c.connect()
+        except (vrpc.RpcError, vrpc.HandshakeError) as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    try:
+        # All at once: the excess is refused while the others handshake.
+        outcomes = await asyncio.wait_for(asyncio.gather(*(connect(c) for c in clients)), 120)
+        refused = [(t, e) for t, e in outcomes if e is not None]
+        admitted = [c for c, (_, e) in zip(clients, outcomes, strict=True) if e is None]
+        # Then at the limit with no handshake under way: how long one refusal takes.
+        late = clients[len(clients) // 2 :]
+        late = [c for c in late if c not in admitted][:20]
+        late_outcomes = [await connect(c) for c in late]
+        answers = await asyncio.gather(
+            *(c.stub(Work).work(i, 0) for i, c in enumerate(admitted)), return_exceptions=True
+        )
+        open_connections = server.connection_count
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+        await server.close(grace=1.0)
+    unclear = [
+        e
+        for _, e in refused + late_outcomes
+        if not (
+            isinstance(e, vrpc.RpcError)
+            and e.status is vrpc.Status.UNAVAILABLE
+            and e.message == "server at connection limit"
+        )
+    ]
+    if len(refused) != max_connections or len(admitted) != max_connections:
+        problems.append(f"connection limit: {len(admitted)} admitted, {len(refused)} refused")
+    if unclear:
+        problems.append(f"connection limit: unclear refusals {unclear[:3]}")
+    if answers != [i * 2 for i in range(len(admitted))]:
+        problems.append("connection limit: an admitted client was not served")
+    if open_connections != len(admitted):
+        problems.append(f"connection limit: {open_connections} connections open")
+    storm = [t * 1000 for t, _ in refused]
+    alone = [t * 1000 for t, _ in late_outcomes]
+    row(
+        [
+            "load: connection limit",
+            f"{2 * max_connections} clients at once, max_connections {max_connections}",
+            f"{len(admitted)} served, {len(refused)} refused UNAVAILABLE",
+            f"refused in p50 {pct(storm, 0.5):.0f} ms max {max(storm, default=0):.0f} ms "
+            f"(during {max_connections} handshakes)",
+            f"at the limit: refused in p50 {pct(alone, 0.5):.1f} ms "
+            f"max {max(alone, default=0):.1f} ms",
+        ]
+    )
+    return problems
+
+
+async def load_failover(tmp: str, attester: vrpc.InsecureTestAttester, calls: int) -> list[str]:
+    """A pool over three servers; the second is stopped with calls in flight and restarted."""
+    uris = [f"unix://{tmp}/pool{i}.sock" for i in range(3)]
+    impls = [WorkImpl() for _ in range(3)]
+    restarted = WorkImpl()
+    problems = []
+    servers = []
+    for uri, impl in zip(uris, impls, strict=True):
+        server = vrpc.Server([impl], attester=attester, max_calls_per_connection=64)
+        await server.start(uri)
+        servers.append(server)
+    spread = 3.0  # seconds over which the calls are issued
+    try:
+        async with vrpc.Pool(
+            uris,
+            policy=attester.policy(),
+            root=attester.trust_root(),
+            health_interval=0.05,
+            connections_per_endpoint=2,
+        ) as pool:
+            stub = pool.stub(Work)
+            answered_at: dict[int, float] = {}
+
+            async def one(i: int) -> int:
+                await asyncio.sleep(spread * i / calls)
+                result = await (stub.lookup(i, 0.05) if i % 2 else stub.work(i, 0.05))
+                answered_at[i] = time.monotonic()
+                return result
+
+            load = asyncio.ensure_future(
+                asyncio.gather(*(one(i) for i in range(calls)), return_exceptions=True)
+            )
+            await asyncio.sleep(spread / 3)
+            stopped_at = time.monotonic()
+            await servers[1].close(grace=0)
+            await asyncio.sleep(spread / 6)
+            servers[1] = vrpc.Server([restarted], attester=attester, max_calls_per_connection=64)
+            await servers[1].start(uris[1])
+            restarted_at = time.monotonic()
+            results = await asyncio.wait_for(load, 300)
+    finally:
+        for server in servers:
+            await server.close(grace=1.0)
+    cut_off = set(impls[1].started) - impls[1].finished
+    failures = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+    successes = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    if len(successes) + len(failures) != calls:
+        problems.append("failover: calls unaccounted for")
+    if any(results[i] != i * 2 for i in successes):
+        problems.append("failover: a result did not match")
+    for i, exc in failures.items():
+        if i % 2 or i not in cut_off:
+            problems.append(f"failover: call {i} lost: {exc!r}")
+        elif not (isinstance(exc, vrpc.RpcError) and exc.status is vrpc.Status.UNAVAILABLE):
+            problems.append(f"failover: call {i} failed with {exc!r}")
+    if not restarted.started:
+        problems.append("failover: the restarted server got no calls")
+    moved = [answered_at[i] - stopped_at for i in cut_off if i % 2 and i in answered_at]
+    rejoined = min(restarted.started.values(), default=float("nan")) - restarted_at
+    row(
+        [
+            "load: pool failover",
+            f"{calls} calls over 3 servers, one restarted",
+            f"{len(successes)} succeeded, {len(failures)} failed (all non-idempotent, cut off)",
+            f"{len(cut_off)} cut off in flight",
+            f"failover {max(moved, default=0) * 1000:.0f} ms",
+            f"restarted server serving after {rejoined * 1000:.0f} ms",
+        ]
+    )
+    return problems
+
+
+async def load(calls: int) -> int:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    attester = vrpc.InsecureTestAttester(seed=b"soak-load")
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="vrpc-load-") as tmp:
+        await asyncio.sleep(0)
+        tasks0 = len(asyncio.all_tasks())
+        problems += await load_fan_out(tmp, attester, calls)
+        problems += await load_connection_limit(tmp, attester, 100)
+        problems += await load_failover(tmp, attester, max(300, calls // 5))
+        await asyncio.sleep(0.2)
+        tasks1 = len(asyncio.all_tasks())
+    if tasks1 > tasks0:
+        problems.append(f"load: tasks leaked: {tasks0} -> {tasks1}")
+    for problem in problems:
+        print(f"soak FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__)
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--clients", type=int, default=48)
+    parser.add_argument("--load-calls", type=int, default=10_000)
     args = parser.parse_args(argv)
-    return asyncio.run(soak(args.seconds, args.clients))
+    code = asyncio.run(soak(args.seconds, args.clients))
+    if args.load_calls > 0:
+        code |= asyncio.run(load(args.load_calls))
+    return code
 
 
 if __name__ == "__main__":

@@ -472,6 +472,8 @@ async def test_calls_in_flight_limit(serve: Serve) -> None:
         with pytest.raises(vrpc.RpcError) as info:
             await client.stub(Calls).remaining()
         assert info.value.status is vrpc.Status.RESOURCE_EXHAUSTED
+        assert info.value.message == "the server has 2 calls in flight"
+        assert info.value.details is None  # not marked unprocessed: the client does not resend
         impl.release.set()
         assert await wait_for(asyncio.gather(*tasks)) == ["released ", "released "]
         assert await client.stub(Calls).remaining() is None
@@ -621,7 +623,9 @@ async def test_drain_cancels_calls_past_the_grace_period(serve: Serve, uri: str)
         await wait_for(server.close(grace=0.05))
         with pytest.raises(vrpc.RpcError) as info:
             await wait_for(in_flight)
-        assert info.value.status in (vrpc.Status.CANCELLED, vrpc.Status.UNAVAILABLE)
+        # The server went away under the call: UNAVAILABLE, which an idempotent call retries.
+        assert info.value.status is vrpc.Status.UNAVAILABLE
+        assert info.value.message == "server shut down before the call finished"
         assert impl.cancelled == 1
 
 

@@ -65,6 +65,9 @@ T = TypeVar("T", bound=Service)
 # Calls a client sends before the server's SETTINGS tell it the real limit. A server with a lower
 # limit refuses the excess as unprocessed, and the client sends those again (docs/protocol.md).
 INITIAL_MAX_CALLS = 100
+# Times a call refused as unprocessed is sent again before the refusal reaches the caller: a
+# server that keeps refusing what it announced it would serve must not hold a call forever.
+MAX_RESENDS = 100
 
 
 class _Pending:
@@ -94,8 +97,12 @@ class _ClientConnection(EndpointProtocol):
         self.peer_claims: Any = None
         self.channel_binding = b""
         self.mode = ""
-        # Calls waiting for a free slot under the server's limit, in arrival order.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Calls waiting for a free slot under the server's limit, in arrival order; calls to
+        # send again after a refusal as unprocessed wait apart, ahead of them.
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._resent: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._waiting = 0  # waiters neither woken, timed out nor cancelled
+        self._handed = 0  # slots given to woken waiters that have not started their call yet
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
         client = self.client
@@ -128,35 +135,79 @@ class _ClientConnection(EndpointProtocol):
         return not self.draining and self.endpoint.is_open and not self.endpoint.expired(now)
 
     def has_slot(self) -> bool:
-        return len(self.pending) < self.max_calls and not self._waiters
+        """A new call may start now without overtaking a call that waits."""
+        return len(self.pending) + self._handed < self.max_calls and not self._waiting
 
-    async def wait_for_slot(self) -> None:
-        """Wait, in order, until a call may start under the server's announced limit."""
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._waiters.append(waiter)
+    @property
+    def queued(self) -> int:
+        return self._waiting + self._handed
+
+    def room(self) -> bool:
+        """A slot is free for a call that was handed one (it has waited its turn)."""
+        return len(self.pending) + self._handed < self.max_calls
+
+    async def wait_for_slot(self, timeout: float | None, *, resend: bool = False) -> bool:
+        """Wait, in order, until a call may start under the server's announced limit; False
+        when ``timeout`` passes first. A call sent again after a refusal as unprocessed
+        (``resend``) was issued before every call still waiting: it goes ahead of them.
+
+        A woken call's slot stays reserved (``_handed``) until the caller, running again,
+        starts it with no await in between, so no later call can take it in the meantime.
+        A waiter that times out or is cancelled stays in its queue, done, and is skipped when
+        its turn comes: removing it from the middle would cost O(queue) each time."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        (self._resent if resend else self._waiters).append(waiter)
+        self._waiting += 1
+        timer = None if timeout is None else self.loop.call_later(timeout, self._expire, waiter)
         try:
-            await waiter
+            handed = await waiter
         except BaseException:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            elif waiter.done() and not waiter.cancelled():
+            if not waiter.done() or waiter.cancelled():
+                waiter.cancel()
+                self._left_queue()
+            elif waiter.result():
+                self._handed -= 1
                 self._wake()  # we were handed a slot we will not use: pass it on
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if handed:
+            self._handed -= 1
+        return handed
+
+    def _left_queue(self) -> None:
+        self._waiting -= 1
+        if not self._waiting:
+            # Only done waiters are left: drop them so the queues do not hold them.
+            self._waiters.clear()
+            self._resent.clear()
+
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+            self._left_queue()
 
     def _wake(self) -> None:
-        waiters = self._waiters
-        free = self.max_calls - len(self.pending)
-        while waiters and free > 0:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+        free = self.max_calls - len(self.pending) - self._handed
+        for queue in (self._resent, self._waiters):
+            while queue and free > 0:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(True)
+                    self._handed += 1
+                    self._waiting -= 1
+                    free -= 1
 
-    def _fail_waiters(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # they find the connection unusable and move on
+    def _release_waiters(self) -> None:
+        for queue in (self._resent, self._waiters):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    # They find the connection unusable and move on to the next one.
+                    waiter.set_result(True)
+                    self._handed += 1
+                    self._waiting -= 1
 
     # ------------------------------------------------------------------ calls
 
@@ -201,7 +252,7 @@ class _ClientConnection(EndpointProtocol):
         self.finished(call_id)
 
     def finished(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and self._waiters:
+        if self.pending.pop(call_id, None) is not None and self._waiting:
             self._wake()
         if self.draining and not self.pending:
             self.client._idle_retired(self)
@@ -274,7 +325,7 @@ class _ClientConnection(EndpointProtocol):
                 pending.future.set_exception(RpcError(Status.UNAVAILABLE, reason))
             if pending.gate is not None:
                 pending.gate.open()
-        self._fail_waiters()
+        self._release_waiters()
         self.client._connection_lost(self)
 
 
@@ -375,7 +426,7 @@ class Client:
         self.interceptors = list(interceptors or ())
         self.audit = audit  # a vrpc.AuditTrail recording every attestation verdict
         self._proto: _ClientConnection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[_ClientConnection | None] | None = None
         self._retired: set[_ClientConnection] = set()
         self._closed = False
         self.peer_claims: Any = None
@@ -403,6 +454,12 @@ class Client:
         return 0 if proto is None else len(proto.pending)
 
     @property
+    def calls_queued(self) -> int:
+        """Calls waiting in this client for a slot under the server's per-connection limit."""
+        proto = self._proto
+        return 0 if proto is None else proto.queued
+
+    @property
     def saturated(self) -> bool:
         """Every call slot of the current connection is taken (new calls would queue)."""
         proto = self._proto
@@ -418,14 +475,44 @@ class Client:
             self._retire(proto)
         if self._closed:
             raise RpcError(Status.UNAVAILABLE, "the client is closed")
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            proto = self._proto
-            if proto is not None and proto.usable(monotonic()):
+        # Every call that finds no connection shares one attempt and its outcome: a thousand
+        # calls queued on a server that went away learn it together, not one connect timeout
+        # after another. The first caller connects inline (no extra task, no extra loop turn);
+        # the others wait for its outcome.
+        for _ in range(1000):  # bounded: each turn follows a leader that was cancelled
+            outcome = self._connecting
+            if outcome is None:
+                return await self._lead_connect()
+            proto = await asyncio.shield(outcome)
+            if self._closed:
+                raise RpcError(Status.UNAVAILABLE, "the client is closed")
+            if proto is not None:
                 return proto
-            self._proto = await self._connect_with_retry()
-            return self._proto
+        raise RpcError(Status.UNAVAILABLE, f"cannot connect to {self.uri}: attempts cancelled")
+
+    async def _lead_connect(self) -> _ClientConnection:
+        outcome: asyncio.Future[_ClientConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._connecting = outcome
+        try:
+            proto = await self._connect_with_retry()
+        except asyncio.CancelledError:
+            outcome.set_result(None)  # this caller gave up: a waiting one tries itself
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved here: no waiter may be left to retrieve it
+            raise
+        finally:
+            self._connecting = None
+        if self._closed:
+            proto.close_gracefully("client closed")
+            outcome.set_result(None)
+            raise RpcError(Status.UNAVAILABLE, "the client is closed")
+        self._proto = proto
+        outcome.set_result(proto)
+        return proto
 
     async def _connect_with_retry(self) -> _ClientConnection:
         give_up = time.monotonic() + self.connect_timeout
@@ -435,7 +522,11 @@ class Client:
             try:
                 _, proto = await create_connection(self.uri, lambda: _ClientConnection(self))
                 assert isinstance(proto, _ClientConnection)
-                await proto.ready
+                try:
+                    await proto.ready
+                except asyncio.CancelledError:
+                    proto.close_gracefully("client closed")  # closed while connecting
+                    raise
             except (ConnectError, RpcError) as exc:
                 # vsock refuses at once until the enclave's server listens, and a server that
                 # restarts drops connections mid-handshake: retry those with backoff. A server
@@ -462,6 +553,9 @@ class Client:
 
     def _retire(self, proto: _ClientConnection) -> None:
         proto.draining = True
+        # Calls queued for this connection would otherwise wait for its last calls to finish:
+        # they move to the next connection now, ahead of calls issued after them.
+        proto._release_waiters()
         if self._proto is proto:
             self._proto = None
         if proto.pending:
@@ -545,14 +639,17 @@ class Client:
                 proto.abandon(call_id)
                 raise
             except RpcError as exc:
-                if _unprocessed(exc):
+                resend = _unprocessed(exc)
+                if resend:
                     used = 0  # never started: it does not count as an attempt
                 elif idempotent and exc.status is Status.UNAVAILABLE and self.retries > 0:
                     used = 1
                 else:
                     raise
                 log.info("retrying call", method=method, reason=exc.message)
-                return await self._unary(method, args, idempotent, None, None, None, used)
+                return await self._unary(
+                    method, args, idempotent, None, None, None, used, resend=resend
+                )
             finally:
                 proto.finished(call_id)
         options = _options.get()
@@ -578,13 +675,17 @@ class Client:
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
         used: int = 0,
+        *,
+        resend: bool = False,
     ) -> Any:
         """The general unary path: deadline, metadata, queueing, retries (``used`` attempts
         were already spent on the fast path)."""
         deadline = None if timeout is None else monotonic() + timeout
 
-        async def attempt(_: int) -> Any:
-            return await self._unary_once(method, args, deadline, metadata, options)
+        async def attempt(n: int) -> Any:
+            return await self._unary_once(
+                method, args, deadline, metadata, options, resend and n == 0
+            )
 
         return await retrying(
             attempt,
@@ -594,28 +695,24 @@ class Client:
             what=method,
         )
 
-    async def _slot(self, deadline: float | None) -> _ClientConnection:
+    async def _slot(self, deadline: float | None, *, resend: bool = False) -> _ClientConnection:
         """A connection with a free call slot, waiting in order behind earlier calls; a call
-        whose deadline passes while it waits never reaches the wire."""
+        whose deadline passes while it waits never reaches the wire. The caller must start its
+        call before its next await, or the slot may be taken."""
         while True:
             proto = await self._connection()
             if proto.has_slot():
                 return proto
-            wait = proto.wait_for_slot()
-            if deadline is None:
-                await wait
-            else:
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
-                try:
-                    await asyncio.wait_for(wait, remaining)
-                except TimeoutError:
-                    raise RpcError(
-                        Status.DEADLINE_EXCEEDED, "deadline exceeded while queued"
-                    ) from None
-            if proto.usable(monotonic()) and len(proto.pending) < proto.max_calls:
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+            if not await proto.wait_for_slot(remaining, resend=resend):
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+            if proto.usable(monotonic()) and proto.room():
                 return proto
+            # The connection closed or began draining while we waited: take a turn on the
+            # next one, still ahead of calls issued after us.
+            resend = True
 
     async def _unary_once(
         self,
@@ -624,9 +721,10 @@ class Client:
         deadline: float | None,
         metadata: dict[str, Any] | None,
         options: CallOptions | None,
+        resend: bool = False,
     ) -> Any:
-        while True:
-            proto = await self._slot(deadline)
+        for turn in range(MAX_RESENDS + 1):
+            proto = await self._slot(deadline, resend=resend)
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -639,13 +737,15 @@ class Client:
                 proto.abandon(call_id)
                 raise
             except RpcError as exc:
-                if not _unprocessed(exc):
+                if not _unprocessed(exc) or turn == MAX_RESENDS:
                     raise
                 # Refused before it started (over the limit before SETTINGS arrived, or the
-                # server began draining): send it again, in order, for any kind of call.
-                await asyncio.sleep(0)
+                # server began draining): send it again, ahead of the calls issued after it,
+                # for any kind of call.
+                resend = True
             finally:
                 proto.finished(call_id)
+        raise AssertionError("the last turn returns or raises")
 
     def stream(
         self,
@@ -716,54 +816,75 @@ class Client:
         if metadata is None and options is not None:
             metadata = options.metadata
         deadline = None if timeout is None else monotonic() + timeout
-        proto = await self._slot(deadline)
-        conn = proto.conn
-        call_id, pending = proto.start(
-            method,
-            args,
-            options,
-            timeout=None if deadline is None else max(0.0, deadline - monotonic()),
-            metadata=metadata,
-            stream_request=request is not None,
-            stream_response=stream_response,
+        resend = False
+        # Bounded: each further turn follows a refusal of a call the server never started.
+        for _ in range(MAX_RESENDS + 1):
+            proto = await self._slot(deadline, resend=resend)
+            resend = False
+            conn = proto.conn
+            call_id, pending = proto.start(
+                method,
+                args,
+                options,
+                timeout=None if deadline is None else max(0.0, deadline - monotonic()),
+                metadata=metadata,
+                stream_request=request is not None,
+                stream_response=stream_response,
+            )
+            future = pending.future
+            if stream_response:
+                pending.items = asyncio.Queue()
+            pending.gate = FlowGate()
+            sender = None
+            if request is not None:
+                sender = proto.loop.create_task(self._send_items(proto, call_id, pending, request))
+            yielded = False
+            try:
+                if not stream_response:
+                    yield convert(await future)
+                    return
+                assert pending.items is not None
+                items = pending.items
+                while True:
+                    if items.empty():
+                        getter = asyncio.ensure_future(items.get())
+                        await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                        if not getter.done():
+                            getter.cancel()
+                            if future.done() and items.empty():
+                                # Refused before it started (over the limit before SETTINGS
+                                # arrived, or it crossed a GOAWAY): nothing was consumed on
+                                # either side, so it is sent again, ahead of later calls.
+                                exc = None if future.cancelled() else future.exception()
+                                resend = (
+                                    not yielded
+                                    and request is None
+                                    and isinstance(exc, RpcError)
+                                    and _unprocessed(exc)
+                                )
+                                if resend:
+                                    break
+                                future.result()  # raises the call's error
+                                return
+                            continue
+                        item, size = getter.result()
+                    else:
+                        item, size = items.get_nowait()
+                    conn.consumed(call_id, size)
+                    proto.schedule_flush()
+                    yielded = True
+                    yield convert(item)
+            finally:
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                proto.abandon(call_id)
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
+        raise RpcError(
+            Status.UNAVAILABLE, f"{method}: refused as unprocessed {MAX_RESENDS + 1} times"
         )
-        future = pending.future
-        if stream_response:
-            pending.items = asyncio.Queue()
-        pending.gate = FlowGate()
-        sender = None
-        if request is not None:
-            sender = proto.loop.create_task(self._send_items(proto, call_id, pending, request))
-        try:
-            if not stream_response:
-                yield convert(await future)
-                return
-            assert pending.items is not None
-            items = pending.items
-            while True:
-                if items.empty():
-                    getter = asyncio.ensure_future(items.get())
-                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        if future.done() and items.empty():
-                            future.result()  # raises the call's error
-                            return
-                        continue
-                    item, size = getter.result()
-                else:
-                    item, size = items.get_nowait()
-                conn.consumed(call_id, size)
-                proto.schedule_flush()
-                yield convert(item)
-        finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
-            proto.abandon(call_id)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()
 
     async def _send_items(
         self, proto: _ClientConnection, call_id: int, pending: _Pending, request: AsyncIterable[Any]

@@ -25,7 +25,7 @@ import structlog
 from vrpc._retry import retrying
 from vrpc.client import Client
 from vrpc.exceptions import RpcError
-from vrpc.proto.connection import is_unprocessed
+from vrpc.proto.connection import UNPROCESSED, is_unprocessed
 from vrpc.service import Service
 from vrpc.status import Status
 from vrpc.stub import make_stub
@@ -36,6 +36,7 @@ log = structlog.get_logger("vrpc.pool")
 T = TypeVar("T", bound=Service)
 
 MAX_CONNECTIONS_PER_ENDPOINT = 16
+PROBE_TIMEOUT = 2.0  # seconds a health check may take before its endpoint counts as unhealthy
 
 
 class _Endpoint:
@@ -48,8 +49,10 @@ class _Endpoint:
         self.healthy = True
 
     def pick(self) -> Client:
-        """The connection with the most room: unsaturated first, then fewest calls in flight."""
-        return min(self.clients, key=lambda c: (c.saturated, c.calls_in_flight))
+        """The connection with the most room: unsaturated first, then the fewest calls in
+        flight or queued (calls queued behind a full connection count, or every call issued
+        while all are full would queue on the same one)."""
+        return min(self.clients, key=lambda c: (c.saturated, c.calls_in_flight + c.calls_queued))
 
     @property
     def saturated(self) -> bool:
@@ -98,9 +101,17 @@ class Pool:
         await asyncio.gather(*(c.close() for e in self.endpoints for c in e.clients))
 
     async def _probe(self, endpoint: _Endpoint) -> None:
+        if endpoint.healthy and endpoint.saturated:
+            # Every connection is full and calls wait behind them: the endpoint is serving. A
+            # probe would wait in the same queue and could time out there, taking a busy
+            # endpoint for a dead one; a dead connection fails its calls, which marks it.
+            return
         try:
             statuses = await asyncio.gather(
-                *(c.call("vrpc.health.check", [""], timeout=2.0) for c in endpoint.clients)
+                *(
+                    c.call("vrpc.health.check", [""], timeout=PROBE_TIMEOUT)
+                    for c in endpoint.clients
+                )
             )
             healthy = all(status == "SERVING" for status in statuses)
         except Exception as exc:  # attestation failures included: never route to that endpoint
@@ -118,7 +129,8 @@ class Pool:
         if not candidates:
             candidates = [e for e in self.endpoints if e.healthy]
         if not candidates:
-            raise RpcError(Status.UNAVAILABLE, "no healthy endpoint in the pool")
+            # Nothing was sent: the caller may try again later, whatever the call.
+            raise RpcError(Status.UNAVAILABLE, "no healthy endpoint in the pool", UNPROCESSED)
         return min(candidates, key=lambda e: (e.saturated, e.outstanding))
 
     async def call(

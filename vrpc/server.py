@@ -135,6 +135,7 @@ class _ServerConnection(EndpointProtocol):
         self.opened_at = monotonic()
         self.established = False
         self.unflushed = 0  # answers queued since the last write (see _EARLY_FLUSH_*)
+        self.cut_off = False  # the server's shutdown cancels the calls still running
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
         server = self.server
@@ -251,7 +252,9 @@ class _ServerConnection(EndpointProtocol):
         for gate in self.credit_gates.values():
             gate.open()
         if ev.in_handshake:
-            if ev.error is not None:
+            # A connection refused at the limit already logged "connection refused": one line
+            # per refusal, so a connection storm does not double the log.
+            if ev.error is not None and counted:
                 log.warning(
                     "handshake failed",
                     peer=self.peer_address,
@@ -320,6 +323,14 @@ class _ServerConnection(EndpointProtocol):
         task.cancel()
         task.add_done_callback(lambda _: self._forget(call_id))
 
+    def _cancelled_status(self) -> tuple[Status, str]:
+        """What the client hears about a handler the server cancelled while the call was live.
+        Cut off by a shutdown past its grace period, the call failed because the server went
+        away: UNAVAILABLE, which an idempotent call may retry elsewhere."""
+        if self.cut_off:
+            return Status.UNAVAILABLE, "server shut down before the call finished"
+        return Status.CANCELLED, "call cancelled by the server"
+
     def _forget(self, call_id: int) -> None:
         if self.tasks.pop(call_id, None) is None:
             return  # _run ran and cleaned up
@@ -330,7 +341,7 @@ class _ServerConnection(EndpointProtocol):
         self.inbound.pop(call_id, None)
         self.credit_gates.pop(call_id, None)
         if self.conn.is_active(call_id):
-            self.conn.send_error(call_id, Status.CANCELLED, "call cancelled by the server")
+            self.conn.send_error(call_id, *self._cancelled_status())
             self.schedule_flush()
 
     def send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
@@ -364,9 +375,9 @@ class _ServerConnection(EndpointProtocol):
         except asyncio.CancelledError:
             # Cancelled by the client, by the deadline (the core already answered), by a lost
             # connection, or by a drain past its grace period.
-            status = Status.CANCELLED
+            status, message = self._cancelled_status()
             if self.conn.is_active(call_id):
-                self.conn.send_error(call_id, Status.CANCELLED, "call cancelled by the server")
+                self.conn.send_error(call_id, status, message)
         except Exception:
             status = Status.INTERNAL
             log.exception("handler failed", method=ctx.method, peer=self.peer_address)
@@ -652,6 +663,7 @@ class Server:
             except TimeoutError:
                 log.warning("grace period over: cancelling calls", calls=self._in_flight)
         for proto in list(self._connections):
+            proto.cut_off = True
             for call_id, task in list(proto.tasks.items()):
                 proto.cancel_task(call_id, task)
         await asyncio.sleep(0)

@@ -223,6 +223,7 @@ def test_goaway_fails_newer_calls_and_refuses_new_ones() -> None:
     server.goaway("bye")
     events = pipe(server, client)
     assert events[0] == GoAwayReceived(first, "bye")
+    # Never started by the server: marked so that any call, idempotent or not, may be resent.
     assert events[1] == ErrorReceived(
         second, Status.UNAVAILABLE, "server draining; not processed", {"unprocessed": True}
     )

@@ -537,6 +537,8 @@ class Connection:
             events.append(GoAwayReceived(last, reason))
             for call_id in [c for c in self._calls if c > last]:
                 del self._calls[call_id]
+                # Above the server's last call id: it never started them, so any call, idempotent
+                # or not, may be sent again elsewhere.
                 events.append(
                     ErrorReceived(
                         call_id, Status.UNAVAILABLE, "server draining; not processed", UNPROCESSED
