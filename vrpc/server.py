@@ -324,7 +324,8 @@ class _ServerConnection(EndpointProtocol):
         for gate in self.credit_gates.values():
             gate.open()
         if ev.in_handshake:
-            if ev.error is not None:
+            # A refused connection was logged once as refused; a flood of them logs no more.
+            if ev.error is not None and counted:
                 log.warning(
                     "handshake failed",
                     peer=self.peer_address,
