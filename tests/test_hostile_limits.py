@@ -287,3 +287,32 @@ async def test_honest_echo_alongside_a_closed_attack_still_answers(tmp_path: Pat
         raw.call("echo.v1.echo", [b"x" * 1000])
         (ev,) = await raw.events()
         assert isinstance(ev, ResponseReceived) and ev.result == b"x" * 1000
+
+
+async def test_a_peer_that_never_reads_is_shed_when_its_output_exceeds_the_budget(
+    tmp_path: Path,
+) -> None:
+    # Paused (not closed) at the 4 MiB write high-water mark by default; with a 2 MiB budget
+    # the output it leaves queued counts, and it is shed.
+    uri = sock_uri(tmp_path)
+    payload = b"\xa5" * MiB
+    async with serving(uri, max_buffered=2 * MiB) as server, HonestProbe(uri) as honest:
+        raw = await RawSession.open(uri)
+        with capture_logs() as logs:
+            closed = False
+            for _ in range(40):  # 40 MiB of answers if nothing stopped it
+                try:
+                    raw.call("echo.v1.echo", [payload])
+                    await asyncio.wait_for(raw.writer.drain(), 5)
+                except (ConnectionResetError, BrokenPipeError):
+                    closed = True
+                    break
+                if server.connection_count == 1:
+                    closed = True
+                    break
+                await asyncio.sleep(0.01)
+            assert closed or await wait_until(lambda: server.connection_count == 1)
+        shed = [e for e in logs if e.get("event") == "connection shed"]
+        assert len(shed) == 1 and shed[0]["held"] >= 2 * MiB  # type: ignore[operator]
+        assert server.buffered_bytes == 0
+        await honest.check("peer that never reads, small budget")

@@ -693,6 +693,8 @@ class Server:
             )
             self.metrics.connection_refused("memory_budget")
             victim.after(victim.endpoint.shed(monotonic(), "server memory budget exceeded"))
+            # Dropped, not flushed: what it holds is queued output the peer is not reading.
+            victim.abort()
 
     @property
     def loop_stalls(self) -> int:
