@@ -224,6 +224,15 @@ async def budget(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
     return f"{sum(shed)}/24 shed", time.perf_counter() - started
 
 
+async def idle_connections(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
+    """200 established sessions that send nothing: what one connection costs at rest."""
+    begin()
+    started = time.perf_counter()
+    raws = [await RawSession.open(uri) for _ in range(200)]
+    await asyncio.sleep(0.5)
+    return f"{len(raws)} sessions held", time.perf_counter() - started
+
+
 async def hello_flood(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
     """One fixed hello replayed on 200 connections at a time for 3 s."""
     hello = client_hello()
@@ -257,6 +266,7 @@ ATTACKS: dict[str, tuple[Attack, dict[str, Any]]] = {
     "trickle": (trickle, {"message_timeout": 5.0}),
     "budget": (budget, {"max_buffered": 64 * MiB}),
     "hello-flood": (hello_flood, {}),
+    "idle-connections": (idle_connections, {}),
 }
 
 
