@@ -137,6 +137,7 @@ async def test_hello_flood_is_bounded_by_the_handshake_and_attestation_limits(
         served = [a for a in answers if a != alert_frame(Alert.HANDSHAKE_LIMIT)]
         print(f"\n[hello flood] {len(served)} attested, {len(refused)} refused (HANDSHAKE_LIMIT)")
         assert refused and len(served) >= 8
+        assert server.metrics.connections_refused["handshake_limit"] == len(refused)
         assert slow.most <= 2
         assert slow.calls - calls_before == len(served)
         assert await wait_until(lambda: server.connection_count == 1)
