@@ -174,6 +174,19 @@ class HonestProbe:
         print(f"\n[{label}] honest client: {len(lat)} calls, p50 {p50:.2f} ms, max {worst:.2f} ms")
 
 
+async def open_stream(uri: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Raw streams over any vrpc transport URI (vsock:// in the lab)."""
+    from vrpc.transport import create_connection
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, protocol = await create_connection(uri, lambda: asyncio.StreamReaderProtocol(reader))
+    writer = asyncio.StreamWriter(
+        typing.cast(asyncio.WriteTransport, transport), protocol, reader, loop
+    )
+    return reader, writer
+
+
 class RawSession:
     """A client session driven by hand over a raw Unix stream: handshake, then records."""
 
@@ -194,7 +207,10 @@ class RawSession:
 
     @classmethod
     async def open(cls, uri: str, *, plaintext: bool = False) -> RawSession:
-        reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        if uri.startswith("unix://"):
+            reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        else:
+            reader, writer = await open_stream(uri)
         cls.opened.append(writer)
         if plaintext:
             hs = ClientHandshake(mode="plaintext", verify=None)
