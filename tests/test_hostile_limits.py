@@ -317,3 +317,19 @@ async def test_a_peer_that_never_reads_is_shed_when_its_output_exceeds_the_budge
         assert len(shed) == 1 and shed[0]["held"] >= 2 * MiB  # type: ignore[operator]
         assert server.buffered_bytes == 0
         await honest.check("peer that never reads, small budget")
+
+
+async def test_limit_parameters_are_checked_and_reach_the_endpoints(tmp_path: Path) -> None:
+    for bad in ({"max_handshakes": 0}, {"max_attestations": 0}, {"max_buffered": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vrpc.Server([], attester=SlowAttester(0), **bad)
+    with pytest.raises(ValueError, match="message_timeout"):
+        vrpc.Server([], attester=SlowAttester(0), message_timeout=0)
+    with pytest.raises(ValueError, match="message_timeout"):
+        client("unix:///nowhere", message_timeout=-1)
+    uri = sock_uri(tmp_path)
+    async with serving(uri, message_timeout=7.0) as server, client(uri, message_timeout=9.0) as c:
+        assert await c.stub(Echo).echo(b"x") == b"x"
+        (conn,) = server._connections
+        assert conn.endpoint._message_timeout == 7.0
+        assert c._proto is not None and c._proto.endpoint._message_timeout == 9.0

@@ -600,6 +600,8 @@ class Server:
         self.max_calls_per_connection = max_calls_per_connection
         self.max_concurrent_calls = max_concurrent_calls
         self.max_connections = max_connections
+        if message_timeout is not None and message_timeout <= 0:
+            raise ValueError("message_timeout must be positive (or None for no limit)")
         if max_handshakes < 1 or max_attestations < 1:
             raise ValueError("max_handshakes and max_attestations must be at least 1")
         if max_buffered is not None and max_buffered <= 0:
