@@ -12,8 +12,12 @@ whole life of a connection can be driven and tested without an event loop:
   records, the CLOSE record) in order; the shell writes them with ``writelines``.
 * **Time**: one timer. The shell arms ``get_timer()`` and calls ``handle_timer(now)``. It covers
   the handshake deadline (absolute from the first byte: trickling cannot extend it), keepalive,
-  idle, call deadlines, the session age, the time-based key update and the wait for the peer's
+  idle, call deadlines, the session age, the time-based key update, the message deadline (a
+  message that has begun must complete within ``message_timeout``) and the wait for the peer's
   CLOSE.
+* **Memory**: ``buffered_input`` is what the connection holds for messages not complete yet and
+  ``partial_since`` since when; the server sums them into its budget and ``shed()`` closes the
+  connection it picks.
 * **Attestation** is I/O (``/dev/nsm``): the endpoint emits ``AttestationRequested``; the shell
   runs the attester off the loop and answers with ``supply_attestation`` (or
   ``attestation_failed``). The peer may send nothing meanwhile: it is waiting for us, so any byte

@@ -25,6 +25,11 @@ The sender rotates its key (KEY_UPDATE then ``x_ap' = ExpandLabel(x_ap, "traffic
 shell calls ``request_key_update()``. The receiver refuses more than 2**24 records under one key
 (the AES-GCM usage bound of RFC 8446 §5.5, rounded down).
 
+Each header is judged before its body is awaited: an unknown type, a KEY_UPDATE or CLOSE whose
+length is not exactly the tag, or a length over the receiver's maximum fails from the five header
+bytes. Records that carry no data (an empty DATA record, a KEY_UPDATE) spend an allowance that
+received data earns back (``EMPTY_RECORD_COST``): a flood of them fails after 32.
+
 Every failure is final: the keys are dropped and every later call raises. ``eof_received()`` is the
 shell's way to report the transport's end of stream: without a CLOSE record first it raises
 ``RemoteProtocolError`` (truncation), distinct from a clean close.
