@@ -119,7 +119,7 @@ async def test_hello_flood_is_bounded_by_the_handshake_and_attestation_limits(
         "attester": slow,
         "max_handshakes": 8,
         "max_attestations": 2,
-        "handshake_timeout": 0.5,  # the replayed hello never finishes: its slot ends here
+        "handshake_timeout": 2.0,  # the replayed hello never finishes: its slot ends here
     }
     async with serving(uri, **options) as server, HonestProbe(uri) as honest:
         calls_before = slow.calls
@@ -280,14 +280,16 @@ async def test_record_header_of_an_oversize_partial_record_is_still_bounded(
         await honest.check("partial record")
 
 
-async def test_honest_echo_alongside_a_closed_attack_still_answers(tmp_path: Path) -> None:
-    # The baseline the attacks above depart from: a raw session calling honestly is served.
+async def test_a_hand_driven_session_is_served_under_tight_limits(tmp_path: Path) -> None:
+    # The baseline the attacks above depart from: a raw session calling honestly is served,
+    # with the message timeout and the budget as tight as the tests above set them.
     uri = sock_uri(tmp_path)
     async with serving(uri, message_timeout=0.5, max_buffered=MiB):
         raw = await RawSession.open(uri)
         raw.call("echo.v1.echo", [b"x" * 1000])
         (ev,) = await raw.events()
         assert isinstance(ev, ResponseReceived) and ev.result == b"x" * 1000
+        raw.close()
 
 
 async def test_a_peer_that_never_reads_is_shed_when_its_output_exceeds_the_budget(
