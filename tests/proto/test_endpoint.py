@@ -485,3 +485,17 @@ def test_shed_closes_with_resource_exhausted_and_fails_calls_in_flight() -> None
     seen = pair.client.receive_data(wire, 2.1)
     assert any(isinstance(e, ErrorReceived) and e.call_id == cid for e in seen)
     assert pair.server.shed(3.0, "again") == []
+
+
+def test_a_server_hello_announcing_tiny_records_is_refused_by_the_client() -> None:
+    client, server = client_endpoint(), server_endpoint()
+    client.initiate(0)
+    pair = Pair(client, server)
+    for chunk in client.data_to_send():
+        pair._answer("server", server, server.receive_data(bytes(chunk), 0), 0)
+    reply = bytearray(b"".join(bytes(c) for c in server.data_to_send()))
+    reply[10:14] = (100).to_bytes(4, "big")  # frame header (5) + version, mode, suite, flags
+    (closed,) = client.receive_data(bytes(reply), 0.1)
+    assert isinstance(closed, ConnectionClosed) and closed.in_handshake
+    assert "below the minimum of 512" in closed.reason
+    assert b"".join(bytes(c) for c in client.data_to_send()) == alert_frame(Alert.BAD_MESSAGE)
