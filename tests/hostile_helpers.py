@@ -109,9 +109,8 @@ def sock_path(uri: str) -> str:
 async def serving(
     uri: str, services: Sequence[vrpc.Service] | None = None, **options: Any
 ) -> AsyncIterator[vrpc.Server]:
-    server = vrpc.Server(
-        list(services) if services is not None else [EchoImpl()], attester=attester(), **options
-    )
+    options.setdefault("attester", attester())
+    server = vrpc.Server(list(services) if services is not None else [EchoImpl()], **options)
     await server.start(uri)
     try:
         yield server
@@ -175,6 +174,19 @@ class HonestProbe:
         print(f"\n[{label}] honest client: {len(lat)} calls, p50 {p50:.2f} ms, max {worst:.2f} ms")
 
 
+async def open_stream(uri: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Raw streams over any vrpc transport URI (vsock:// in the lab)."""
+    from vrpc.transport import create_connection
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, protocol = await create_connection(uri, lambda: asyncio.StreamReaderProtocol(reader))
+    writer = asyncio.StreamWriter(
+        typing.cast(asyncio.WriteTransport, transport), protocol, reader, loop
+    )
+    return reader, writer
+
+
 class RawSession:
     """A client session driven by hand over a raw Unix stream: handshake, then records."""
 
@@ -195,7 +207,10 @@ class RawSession:
 
     @classmethod
     async def open(cls, uri: str, *, plaintext: bool = False) -> RawSession:
-        reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        if uri.startswith("unix://"):
+            reader, writer = await asyncio.open_unix_connection(sock_path(uri))
+        else:
+            reader, writer = await open_stream(uri)
         cls.opened.append(writer)
         if plaintext:
             hs = ClientHandshake(mode="plaintext", verify=None)
@@ -294,6 +309,64 @@ async def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
     return bool(predicate())
 
 
+class SlowAttester:
+    """The test attester behind a blocking delay, run in a thread like /dev/nsm; records how
+    many attestations ran at once."""
+
+    insecure = True
+    attests_inline = False
+
+    def __init__(self, delay: float) -> None:
+        import threading
+
+        self.delay = delay
+        self.running = 0
+        self.most = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def attest(self, **kw: Any) -> bytes:
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.delay)
+            return attester().attest(**kw)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def client_hello(max_record: int | None = None) -> bytes:
+    """A valid CLIENT_HELLO (dev-insecure), optionally announcing another ``max_record``."""
+    hs = ClientHandshake(mode="dev-insecure", verify=lambda *a, **k: None)
+    hs.initiate()
+    hello = bytearray(hs.data_to_send())
+    if max_record is not None:
+        hello[10:14] = max_record.to_bytes(4, "big")  # header(5) + version, mode, suite, flags
+    return bytes(hello)
+
+
+def empty_data_record(session: Any) -> bytes:
+    """An authenticated DATA record with no plaintext under ``session``'s sending key (no
+    honest sender makes one; RecordSession.seal never does)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from vrpc.proto.keyschedule import traffic_key_iv
+
+    key, iv = traffic_key_iv(session._send_secret)
+    hdr = bytes([0x17]) + (16).to_bytes(4, "big")
+    nonce = (int.from_bytes(iv, "big") ^ session._send_seq).to_bytes(12, "big")
+    session._send_seq += 1
+    return hdr + AESGCM(key).encrypt(nonce, b"", hdr)
+
+
+def key_update_record(session: Any) -> bytes:
+    session.request_key_update()
+    return b"".join(session.seal(b""))
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -310,10 +383,14 @@ __all__ = [
     "HonestProbe",
     "RawSession",
     "Slow",
+    "SlowAttester",
     "SlowImpl",
     "attester",
     "client",
+    "client_hello",
+    "empty_data_record",
     "fd_count",
+    "key_update_record",
     "rss_bytes",
     "serving",
     "sock_path",

@@ -78,7 +78,8 @@ async def test_garbage_instead_of_hello(tmp_path: Path) -> None:
 async def test_many_idle_connections_and_the_connection_limit(tmp_path: Path) -> None:
     uri = sock_uri(tmp_path)
     limit = 200
-    server_cm = serving(uri, max_connections=limit, handshake_timeout=30)
+    # max_handshakes as high as the connection limit: this test is about the latter.
+    server_cm = serving(uri, max_connections=limit, max_handshakes=limit, handshake_timeout=30)
     async with server_cm as server, HonestProbe(uri) as honest:  # the honest one takes a slot
         idle = [await asyncio.open_unix_connection(sock_path(uri)) for _ in range(limit - 1)]
         for _, writer in idle[::2]:

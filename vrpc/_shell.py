@@ -125,11 +125,18 @@ class EndpointProtocol(asyncio.Protocol):
                 return
             self.after(self.endpoint.supply_attestation(document, monotonic()))
             return
+        self.run_attester(produce)
+
+    def run_attester(self, produce: typing.Callable[[], bytes]) -> None:
+        """Run a blocking attester in a thread; the server overrides this to bound how many
+        run at once."""
         future = self.loop.run_in_executor(None, produce)
         future.add_done_callback(self._attested)
 
     def _attested(self, future: asyncio.Future[bytes]) -> None:
         exc = future.exception()
+        if self.closed:
+            return  # the connection ended meanwhile (deadline, peer gone): nothing to supply
         if exc is not None:
             self.after(self.endpoint.attestation_failed(repr(exc), monotonic()))
         else:

@@ -33,7 +33,7 @@ from vrpc.proto.connection import (
     Role,
     is_unprocessed,
 )
-from vrpc.proto.endpoint import Endpoint
+from vrpc.proto.endpoint import DEFAULT_MESSAGE_TIMEOUT, Endpoint
 from vrpc.proto.events import (
     AttestationRequested,
     CallCancelled,
@@ -120,6 +120,7 @@ class _ClientConnection(EndpointProtocol):
             wall_clock=wall_clock,
             handshake_timeout=client.handshake_timeout,
             max_session_age=client.max_session_age,
+            message_timeout=client.message_timeout,
         )
 
     def on_connection_made(self) -> None:
@@ -387,9 +388,13 @@ class Client:
         keepalive_timeout: float = 20.0,
         max_send_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_receive_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
         interceptors: list[ClientInterceptor] | None = None,
         audit: Any = None,
     ) -> None:
+        if message_timeout is not None and message_timeout <= 0:
+            raise ValueError("message_timeout must be positive (or None for no limit)")
+        self.message_timeout = message_timeout
         self.uri = str(parse_address(uri))
         self.plaintext = plaintext
         self._verifier: Any = None

@@ -12,6 +12,7 @@ A bad peer costs one connection, never the server; a failing handler costs one c
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from vrpc.context import CallContext, Peer, _current
 from vrpc.exceptions import RpcError
 from vrpc.metrics import Metrics
 from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, Connection, Role
-from vrpc.proto.endpoint import Endpoint
+from vrpc.proto.endpoint import DEFAULT_MESSAGE_TIMEOUT, Endpoint
 from vrpc.proto.events import (
     AttestationRequested,
     CallCancelled,
@@ -136,6 +137,12 @@ class _ServerConnection(EndpointProtocol):
         self.established = False
         self.unflushed = 0  # answers queued since the last write (see _EARLY_FLUSH_*)
         self.cut_off = False  # the server's shutdown cancels the calls still running
+        self.handshaking = False  # counted in the server's concurrent-handshake limit
+        # What this connection holds in the server's memory budget (see Server.max_buffered):
+        # partial input, and the output queued when writing last paused.
+        self.held_input = 0
+        self.held_output = 0
+        self.held_since: float | None = None  # output paused since (input: the endpoint knows)
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
         server = self.server
@@ -157,6 +164,7 @@ class _ServerConnection(EndpointProtocol):
             handshake_timeout=server.handshake_timeout,
             max_session_age=server.max_session_age,
             session_grace=server.session_grace,
+            message_timeout=server.message_timeout,
         )
 
     def flush(self) -> None:
@@ -173,9 +181,50 @@ class _ServerConnection(EndpointProtocol):
             log.warning("connection refused", peer=self.peer_address, reason="connection limit")
             server.metrics.connection_refused("limit")
             self.after(self.endpoint.refuse(Alert.CONNECTION_LIMIT, "server at connection limit"))
+        elif server._handshakes >= server.max_handshakes:
+            # Each handshake costs an X25519 exchange and an attestation: a flood of hellos is
+            # refused here, before either, and established connections keep the loop.
+            log.warning("connection refused", peer=self.peer_address, reason="handshake limit")
+            server.metrics.connection_refused("handshake_limit")
+            self.after(self.endpoint.refuse(Alert.HANDSHAKE_LIMIT, "server busy with handshakes"))
         else:
             server._connections.add(self)
+            server._handshakes += 1
+            self.handshaking = True
             server.metrics.connection_accepted()
+
+    def _handshake_over(self) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.server._handshakes -= 1
+
+    def run_attester(self, produce: Callable[[], bytes]) -> None:
+        # Attesters that block (/dev/nsm serializes its calls) run at most max_attestations at
+        # once; the others wait in arrival order (at most max_handshakes of them).
+        server = self.server
+        if server._attesting < server.max_attestations:
+            server._attesting += 1
+            super().run_attester(produce)
+        else:
+            server._attest_queue.append((self, produce))
+
+    def _attested(self, future: asyncio.Future[bytes]) -> None:
+        server = self.server
+        server._attesting -= 1
+        while server._attest_queue:
+            proto, produce = server._attest_queue.popleft()
+            if not proto.closed:
+                server._attesting += 1
+                EndpointProtocol.run_attester(proto, produce)
+                break
+        super()._attested(future)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        held = 0 if self.closed else self.endpoint.buffered_input
+        if held != self.held_input:
+            delta, self.held_input = held - self.held_input, held
+            self.server._hold(self, delta)  # may shed this very connection
 
     # A peer that sends requests but never reads the responses would otherwise make the server
     # buffer every response: stop reading it while its responses cannot leave. Only the server
@@ -184,11 +233,30 @@ class _ServerConnection(EndpointProtocol):
         super().pause_writing()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
+            # Accounted at the pause (not on every write): the peer stopped reading what it
+            # asked for, and the queue stays at least this large until it reads again.
+            queued = self.transport.get_write_buffer_size()
+            self.held_since = monotonic()
+            delta, self.held_output = queued - self.held_output, queued
+            self.server._hold(self, delta)
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._release_output()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _release_output(self) -> None:
+        if self.held_output:
+            held, self.held_output = self.held_output, 0
+            self.server._hold(self, -held)
+        self.held_since = None
+
+    def holding_since(self) -> float:
+        """Since when this connection has held memory without finishing a message or reading
+        its answers (the oldest holder is shed first when the budget is exceeded)."""
+        since = [t for t in (self.endpoint.partial_since, self.held_since) if t is not None]
+        return min(since) if since else monotonic()
 
     def dispatch(self, events: list[EndpointEvent]) -> None:
         for ev in events:
@@ -232,6 +300,7 @@ class _ServerConnection(EndpointProtocol):
                     assert_never(ev)
 
     def _established(self, ev: SessionEstablished) -> None:
+        self._handshake_over()
         self.established = True
         self.server.metrics.handshake_completed(ev.mode, monotonic() - self.opened_at)
         self.peer = Peer(self.peer_address, ev.peer_claims, ev.mode, ev.channel_binding)
@@ -241,6 +310,11 @@ class _ServerConnection(EndpointProtocol):
 
     def _closed(self, ev: ConnectionClosed) -> None:
         self.connection_closed(ev)
+        self._handshake_over()
+        if self.held_input:
+            held, self.held_input = self.held_input, 0
+            self.server._hold(self, -held)
+        self._release_output()
         counted = self in self.server._connections  # refused connections were never admitted
         if ev.in_handshake and counted:
             # A transport that ended says nothing about the peer: counted apart from verdicts.
@@ -503,6 +577,10 @@ class Server:
         max_calls_per_connection: int = 1024,
         max_concurrent_calls: int = 16384,
         max_connections: int = 1024,
+        max_handshakes: int = 128,
+        max_attestations: int = 4,
+        max_buffered: int | None = 256 * 1024 * 1024,
+        message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 300.0,
         keepalive_interval: float | None = 30.0,
@@ -534,6 +612,16 @@ class Server:
         self.max_calls_per_connection = max_calls_per_connection
         self.max_concurrent_calls = max_concurrent_calls
         self.max_connections = max_connections
+        if message_timeout is not None and message_timeout <= 0:
+            raise ValueError("message_timeout must be positive (or None for no limit)")
+        if max_handshakes < 1 or max_attestations < 1:
+            raise ValueError("max_handshakes and max_attestations must be at least 1")
+        if max_buffered is not None and max_buffered <= 0:
+            raise ValueError("max_buffered must be positive (or None for no budget)")
+        self.max_handshakes = max_handshakes
+        self.max_attestations = max_attestations
+        self.max_buffered = max_buffered
+        self.message_timeout = message_timeout
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.keepalive_interval = keepalive_interval
@@ -562,6 +650,12 @@ class Server:
         self._listeners: list[Listener] = []
         self._connections: set[_ServerConnection] = set()
         self._in_flight = 0
+        self._handshakes = 0  # connections admitted and still in their handshake
+        self._attesting = 0  # attester calls running in threads
+        self._attest_queue: collections.deque[tuple[_ServerConnection, Callable[[], bytes]]] = (
+            collections.deque()
+        )
+        self._held = 0  # bytes all connections hold (see max_buffered)
         self._accepting = True
         self._draining = False
         self._closed = asyncio.Event()
@@ -584,6 +678,37 @@ class Server:
     @property
     def calls_in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def buffered_bytes(self) -> int:
+        """What all connections hold now in the ``max_buffered`` budget."""
+        return self._held
+
+    def _hold(self, proto: _ServerConnection, delta: int) -> None:
+        """Account ``delta`` bytes to ``proto``; over the budget, shed the connections that
+        have held memory the longest (a peer that trickles a message or stops reading is older
+        than any honest one mid-message) until the total fits again."""
+        self._held += delta
+        budget = self.max_buffered
+        if budget is None or delta <= 0 or self._held <= budget:
+            return
+        holders = sorted(
+            (p for p in self._connections if p.held_input or p.held_output),
+            key=lambda p: p.holding_since(),
+        )
+        for victim in holders:
+            if self._held <= budget:
+                break
+            log.warning(
+                "connection shed",
+                peer=victim.peer_address,
+                reason="server memory budget",
+                held=victim.held_input + victim.held_output,
+            )
+            self.metrics.connection_refused("memory_budget")
+            victim.after(victim.endpoint.shed(monotonic(), "server memory budget exceeded"))
+            # Dropped, not flushed: what it holds is queued output the peer is not reading.
+            victim.abort()
 
     @property
     def loop_stalls(self) -> int:

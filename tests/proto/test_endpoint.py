@@ -28,7 +28,7 @@ from vrpc.proto.events import (
     SessionEstablished,
     SettingsReceived,
 )
-from vrpc.proto.handshake import Alert, ClientHandshake, ServerHandshake
+from vrpc.proto.handshake import Alert, ClientHandshake, ServerHandshake, alert_frame
 from vrpc.proto.record import REC_KEY_UPDATE
 from vrpc.status import Status
 
@@ -376,3 +376,126 @@ def test_random_bytes_in_the_handshake_never_raise(data: bytes) -> None:
     events = server.receive_data(data, 0.0)
     for ev in events:
         assert isinstance(ev, (ConnectionClosed, AttestationRequested))
+
+
+# -- admission and memory limits ---------------------------------------------------------------
+
+
+def _hello_with_max_record(value: int) -> bytes:
+    client = client_endpoint()
+    client.initiate(0)
+    hello = bytearray(b"".join(bytes(c) for c in client.data_to_send()))
+    # frame header (5) + version, mode, suite(2), flags, then max_record (4 bytes)
+    hello[10:14] = value.to_bytes(4, "big")
+    return bytes(hello)
+
+
+@pytest.mark.parametrize("value", [1, 64, 511])
+def test_a_hello_announcing_tiny_records_is_refused_before_any_attestation(value: int) -> None:
+    server = server_endpoint()
+    (closed,) = server.receive_data(_hello_with_max_record(value), 0)
+    assert isinstance(closed, ConnectionClosed) and closed.in_handshake
+    assert "below the minimum of 512" in closed.reason
+    assert b"".join(bytes(c) for c in server.data_to_send()) == alert_frame(Alert.BAD_MESSAGE)
+
+
+def test_a_hello_announcing_the_floor_is_served() -> None:
+    server = server_endpoint()
+    (need,) = server.receive_data(_hello_with_max_record(512), 0)
+    assert isinstance(need, AttestationRequested)
+
+
+def _frame_start(pair: Pair, announced: int, sent: int) -> tuple[bytes, bytes]:
+    """The client's session seals a frame announcing ``announced`` bytes; returns the first
+    ``sent`` body bytes' records and the rest (still to be sealed by the caller)."""
+    session = pair.client.session
+    assert session is not None
+    wire = b"".join(bytes(c) for c in session.seal(announced.to_bytes(4, "big") + bytes(sent)))
+    return wire, bytes(announced - sent)
+
+
+def test_a_partial_message_must_complete_within_the_message_timeout() -> None:
+    pair = established(server=server_endpoint(message_timeout=5.0))
+    server = pair.server
+    wire, _rest = _frame_start(pair, 100_000, 1000)
+    assert server.receive_data(wire, 1.0) == []
+    assert server.buffered_input == 1004 and server.partial_since == 1.0
+    assert server.get_timer() == 6.0
+    session = pair.client.session
+    assert session is not None
+    for t in (2.0, 3.0, 4.0, 5.0):  # trickling does not move the deadline
+        assert server.receive_data(b"".join(bytes(c) for c in session.seal(b"\x00")), t) == []
+        assert server.get_timer() == 6.0
+    (closed,) = server.handle_timer(6.0)
+    assert isinstance(closed, ConnectionClosed) and not closed.in_handshake
+    assert "message_timeout" in closed.reason
+    assert server.buffered_input == 0
+
+
+def test_a_partial_record_alone_is_held_to_the_message_timeout() -> None:
+    pair = established(server=server_endpoint(message_timeout=5.0))
+    session = pair.client.session
+    assert session is not None
+    wire = b"".join(bytes(c) for c in session.seal(bytes(50_000)))
+    assert pair.server.receive_data(wire[:30_000], 1.0) == []
+    assert pair.server.buffered_input == 30_000
+    (closed,) = pair.server.handle_timer(6.0)
+    assert isinstance(closed, ConnectionClosed) and "message_timeout" in closed.reason
+
+
+def test_messages_that_complete_restart_the_message_clock() -> None:
+    # A busy honest peer always has a message partly received, but each one completes: the
+    # deadline follows the message that is partial now, not the first partial byte ever seen.
+    pair = established(server=server_endpoint(message_timeout=5.0))
+    t = 1.0
+    requests = 0
+    for _ in range(30):  # 30 s of back-to-back calls, each split across two reads
+        pair.client.calls.start_call("s.m", [bytes(3000)], now=t)
+        wire = b"".join(bytes(c) for c in pair.client.data_to_send())
+        pair.server.receive_data(wire[:-100], t)
+        assert pair.server.partial_since == t
+        t += 1.0
+        events = pair.server.receive_data(wire[-100:], t)
+        requests += sum(isinstance(e, RequestReceived) for e in events)
+        assert pair.server.partial_since is None
+        pair.timers(t)
+    assert pair.server.phase is Phase.OPEN
+    assert requests == 30
+
+
+def test_message_timeout_none_disables_it_and_zero_is_refused() -> None:
+    pair = established(server=server_endpoint(message_timeout=None))
+    wire, _ = _frame_start(pair, 100_000, 10)
+    pair.server.receive_data(wire, 1.0)
+    assert pair.server.partial_since is None
+    with pytest.raises(ValueError, match="message_timeout"):
+        server_endpoint(message_timeout=0)
+
+
+def test_shed_closes_with_resource_exhausted_and_fails_calls_in_flight() -> None:
+    pair = established()
+    cid = pair.client.calls.start_call("s.m", [], now=1)
+    pair.pump(1)
+    events = pair.server.shed(2.0, "server memory budget exceeded")
+    closed = events[-1]
+    assert isinstance(closed, ConnectionClosed)
+    assert closed.status is Status.RESOURCE_EXHAUSTED and "budget" in closed.reason
+    # The client learns the session ended (our CLOSE), and its call fails visibly.
+    wire = b"".join(bytes(c) for c in pair.server.data_to_send())
+    seen = pair.client.receive_data(wire, 2.1)
+    assert any(isinstance(e, ErrorReceived) and e.call_id == cid for e in seen)
+    assert pair.server.shed(3.0, "again") == []
+
+
+def test_a_server_hello_announcing_tiny_records_is_refused_by_the_client() -> None:
+    client, server = client_endpoint(), server_endpoint()
+    client.initiate(0)
+    pair = Pair(client, server)
+    for chunk in client.data_to_send():
+        pair._answer("server", server, server.receive_data(bytes(chunk), 0), 0)
+    reply = bytearray(b"".join(bytes(c) for c in server.data_to_send()))
+    reply[10:14] = (100).to_bytes(4, "big")  # frame header (5) + version, mode, suite, flags
+    (closed,) = client.receive_data(bytes(reply), 0.1)
+    assert isinstance(closed, ConnectionClosed) and closed.in_handshake
+    assert "below the minimum of 512" in closed.reason
+    assert b"".join(bytes(c) for c in client.data_to_send()) == alert_frame(Alert.BAD_MESSAGE)

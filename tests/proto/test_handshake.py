@@ -702,3 +702,13 @@ def test_no_io_imports(name: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"asyncio", "socket", "time", "datetime", "selectors", "threading"}
+
+
+def test_max_record_below_the_floor_is_refused_locally_and_from_the_peer() -> None:
+    from vrpc.proto.handshake import MIN_RECORD_PLAINTEXT
+
+    assert MIN_RECORD_PLAINTEXT == 512
+    with pytest.raises(ValueError, match="512"):
+        ServerHandshake(max_record_plaintext=511)
+    with pytest.raises(ValueError, match="512"):
+        ClientHandshake(mode="dev-insecure", verify=lambda *a, **k: None, max_record_plaintext=1)

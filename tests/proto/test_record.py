@@ -276,3 +276,82 @@ def test_random_bytes_only_remote_protocol_error(data: bytes, chunk: int) -> Non
         pass
     else:  # pragma: no cover - a forgery would mean AES-GCM is broken
         raise AssertionError("random bytes were accepted")
+
+
+# -- limits on what a record costs the receiver ------------------------------------------------
+
+
+def test_unknown_record_type_is_refused_from_its_header_alone() -> None:
+    # Only the 5-byte header has arrived: the body (60,000 bytes announced) is never awaited.
+    for header in (
+        bytes([0x99]) + (60_000).to_bytes(4, "big"),
+        bytes([REC_KEY_UPDATE]) + (60_000).to_bytes(4, "big"),
+        bytes([REC_CLOSE]) + (17).to_bytes(4, "big"),
+    ):
+        _, b = pair()
+        with pytest.raises(RemoteProtocolError, match="malformed"):
+            b.receive(header)
+        assert b.buffered == 0
+
+
+def test_a_partial_record_is_reported_as_buffered() -> None:
+    a, b = pair()
+    wire = sealed(a, bytes(1000))
+    assert b.receive(wire[:600]) == b""
+    assert b.buffered == 600
+    assert b.receive(wire[600:]) == bytes(1000)
+    assert b.buffered == 0
+
+
+class _EmptyData:
+    """Crafts empty DATA records under the sender's current key (an honest sender never does)."""
+
+    def __init__(self, sender: RecordSession) -> None:
+        self.sender = sender
+
+    def record(self) -> bytes:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from vrpc.proto.keyschedule import traffic_key_iv
+
+        s = self.sender
+        key, iv = traffic_key_iv(s._send_secret or b"")
+        hdr = bytes([REC_DATA]) + TAG_LEN.to_bytes(4, "big")
+        nonce = (int.from_bytes(iv, "big") ^ s._send_seq).to_bytes(12, "big")
+        s._send_seq += 1
+        return hdr + AESGCM(key).encrypt(nonce, b"", hdr)
+
+
+def _key_update(sender: RecordSession) -> bytes:
+    sender.request_key_update()
+    return sealed(sender, b"")
+
+
+def test_empty_data_records_beyond_the_allowance_are_refused() -> None:
+    a, b = pair()
+    empty = _EmptyData(a)
+    allowed = recmod.EMPTY_RECORD_ALLOWANCE // recmod.EMPTY_RECORD_COST
+    assert allowed == 32
+    assert b.receive(b"".join(empty.record() for _ in range(allowed))) == b""
+    with pytest.raises(RemoteProtocolError, match="too many empty"):
+        b.receive(empty.record())
+
+
+def test_key_updates_are_earned_by_data_received() -> None:
+    a, b = pair()
+    for _ in range(32):
+        assert b.receive(_key_update(a)) == b""
+    # Spent: one more is allowed only after another 64 KiB of data.
+    data = bytes(recmod.EMPTY_RECORD_COST)
+    assert b.receive(sealed(a, data)) == data
+    assert b.receive(_key_update(a)) == b""
+    assert b.receive(sealed(a, b"x")) == b"x"
+    with pytest.raises(RemoteProtocolError, match="too many empty or KEY_UPDATE"):
+        b.receive(_key_update(a))
+
+
+def test_a_flood_of_key_updates_is_refused_before_it_is_processed() -> None:
+    a, b = pair()
+    flood = b"".join(_key_update(a) for _ in range(20_000))
+    with pytest.raises(RemoteProtocolError, match="too many empty"):
+        b.receive(flood)

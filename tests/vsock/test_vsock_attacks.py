@@ -4,10 +4,12 @@ enclave, a foreign trust root. Each ends that session only; the server keeps ser
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_helpers import RawSession, key_update_record
 
 import vrpc
 import vrpc.relay
@@ -92,5 +94,44 @@ async def test_debug_mode_enclave_and_foreign_root_refused_over_vsock(
                 f"vsock://LOCAL:{vsock_port}", policy=debug.policy(), root=debug.trust_root()
             ) as ok:
                 assert await ok.stub(Echo).echo(b"debug allowed") == b"debug allowed"
+    finally:
+        await server.close(grace=0)
+
+
+async def test_resource_attacks_over_vsock_close_only_the_attacker(
+    attester: vrpc.InsecureTestAttester, vsock_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over real AF_VSOCK: a partial 1 MiB message trickled a byte at a time is closed at
+    # message_timeout, a KEY_UPDATE flood is closed at once, and an honest client keeps its
+    # answers throughout.
+    monkeypatch.setenv("VRPC_INSECURE_TEST_ATTESTATION", "1")
+    server = vrpc.Server([EchoImpl()], attester=attester, message_timeout=0.5)
+    await server.start(f"vsock://ANY:{vsock_port}")
+    uri = f"vsock://LOCAL:{vsock_port}"
+    try:
+        async with asyncio.timeout(BOUND), connect(uri, attester) as honest:
+            echo = honest.stub(Echo)
+            assert await echo.echo(b"before") == b"before"
+
+            trickler = await RawSession.open(uri)
+            size = 1024 * 1024
+            trickler.send_plain(size.to_bytes(4, "big") + bytes(size - 100))
+            started = time.monotonic()
+            for i in range(30):  # "activity" that never completes the message
+                trickler.send_plain(b"\x00")
+                assert await echo.echo(i.to_bytes(2, "big")) == i.to_bytes(2, "big")
+                await asyncio.sleep(0.05)
+                if trickler.reader.at_eof():
+                    break
+            assert await trickler.closed_by_server(timeout=5.0)
+            assert time.monotonic() - started < 5.0
+
+            flooder = await RawSession.open(uri)
+            flooder.send_wire(b"".join(key_update_record(flooder.session) for _ in range(2000)))
+            assert await flooder.closed_by_server(timeout=5.0)
+
+            assert await echo.echo(b"after") == b"after"
+            assert server.connection_count == 1
+            await RawSession.close_all()
     finally:
         await server.close(grace=0)

@@ -270,6 +270,16 @@ class Connection:
         return call_id in self._calls
 
     @property
+    def partial_input(self) -> int:
+        """Received bytes of a message not complete yet (memory accounting)."""
+        return self._frames.buffered
+
+    @property
+    def frames_received(self) -> int:
+        """Complete messages received so far."""
+        return self._frames.frames
+
+    @property
     def pending_bytes(self) -> int:
         """Encoded bytes waiting for ``data_to_send``."""
         return len(self._out)

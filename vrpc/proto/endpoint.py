@@ -12,8 +12,12 @@ whole life of a connection can be driven and tested without an event loop:
   records, the CLOSE record) in order; the shell writes them with ``writelines``.
 * **Time**: one timer. The shell arms ``get_timer()`` and calls ``handle_timer(now)``. It covers
   the handshake deadline (absolute from the first byte: trickling cannot extend it), keepalive,
-  idle, call deadlines, the session age, the time-based key update and the wait for the peer's
+  idle, call deadlines, the session age, the time-based key update, the message deadline (a
+  message that has begun must complete within ``message_timeout``) and the wait for the peer's
   CLOSE.
+* **Memory**: ``buffered_input`` is what the connection holds for messages not complete yet and
+  ``partial_since`` since when; the server sums them into its budget and ``shed()`` closes the
+  connection it picks.
 * **Attestation** is I/O (``/dev/nsm``): the endpoint emits ``AttestationRequested``; the shell
   runs the attester off the loop and answers with ``supply_attestation`` (or
   ``attestation_failed``). The peer may send nothing meanwhile: it is waiting for us, so any byte
@@ -74,12 +78,18 @@ from vrpc.status import Status
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_KEY_UPDATE_INTERVAL",
+    "DEFAULT_MESSAGE_TIMEOUT",
     "Endpoint",
     "Phase",
 ]
 
 DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_KEY_UPDATE_INTERVAL = 3600.0
+# A message (or record) that has begun to arrive must be complete this long after its first
+# byte: the slow-body timeout of HTTP servers. A peer that trickles one byte a second into a
+# 4 MiB frame would otherwise pin 4 MiB for as long as it likes (every byte is "activity" to
+# keepalive). 30 s lets the largest default message (4 MiB) arrive at 140 KiB/s.
+DEFAULT_MESSAGE_TIMEOUT = 30.0
 
 
 class Phase(enum.Enum):
@@ -114,7 +124,10 @@ class Endpoint:
         session_grace: float = 5.0,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         key_update_interval: float | None = DEFAULT_KEY_UPDATE_INTERVAL,
+        message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
     ) -> None:
+        if message_timeout is not None and message_timeout <= 0:
+            raise ValueError("message_timeout must be positive (or None for no limit)")
         self.role = calls.role
         self.calls = calls
         self.session: Session | None = None
@@ -134,6 +147,11 @@ class Endpoint:
         self._key_update_interval = key_update_interval
         self._next_key_update: float | None = None
         self._close_requested: str | None = None
+        self._message_timeout = message_timeout
+        # Since when received bytes have been waiting for the rest of their message (None:
+        # nothing partial is held), and how many messages had completed at that time.
+        self.partial_since: float | None = None
+        self._frames_seen = 0
         # The handshake checks documents at wall-clock time (certificate validity, freshness);
         # every other timer runs on the monotonic ``now``. Both are passed in, never read here.
         self._wall_offset = wall_clock - now
@@ -148,6 +166,16 @@ class Endpoint:
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
+
+    @property
+    def buffered_input(self) -> int:
+        """Received bytes this connection holds for messages not complete yet: a partial record
+        and a partial frame (what a peer can make the server keep without finishing anything).
+        The handshake's own buffer is capped by its per-message limits (at most 20 KiB)."""
+        session = self.session
+        if session is None or self.phase is Phase.CLOSED:
+            return 0
+        return session.buffered + self.calls.partial_input
 
     def expired(self, now: float) -> bool:
         """The session is older than ``max_session_age``: start new calls elsewhere."""
@@ -264,6 +292,17 @@ class Endpoint:
         self._queue_alert(alert)
         return self._close(Status.UNAVAILABLE, reason, error=HandshakeError(reason), retryable=True)
 
+    def shed(self, now: float, reason: str) -> list[EndpointEvent]:
+        """Close at once to free what this connection holds (the server's memory budget):
+        calls in flight fail with RESOURCE_EXHAUSTED, our CLOSE goes out if it still can."""
+        if self.phase is Phase.CLOSED:
+            return []
+        if self.session is None:
+            self._queue_alert(Alert.INTERNAL_ERROR)
+        return self._close(
+            Status.RESOURCE_EXHAUSTED, reason, error=RpcError(Status.RESOURCE_EXHAUSTED, reason)
+        )
+
     def _queue_alert(self, alert: Alert) -> None:
         self._wire.append(alert_frame(alert))
 
@@ -325,7 +364,20 @@ class Endpoint:
             return self._close(exc.status, exc.message, error=exc)
         if session.peer_closed:
             return [*events, *self._peer_closed()]  # type: ignore[list-item]
+        if self._message_timeout is not None:
+            self._note_partial(session, now)
         return events  # type: ignore[return-value]
+
+    def _note_partial(self, session: Session, now: float) -> None:
+        """Start the message deadline when a partial message appears; restart it whenever a
+        message completes (the next one is then the partial one)."""
+        if not (session.buffered or self.calls.partial_input):
+            self.partial_since = None
+            return
+        frames = self.calls.frames_received
+        if self.partial_since is None or frames != self._frames_seen:
+            self.partial_since = now
+            self._frames_seen = frames
 
     def _peer_closed(self) -> list[EndpointEvent]:
         peer = "client" if self.role is Role.SERVER else "server"
@@ -438,7 +490,10 @@ class Endpoint:
         if phase is Phase.CLOSING:
             return self._close_deadline
         when = self.calls.get_timer()
-        for extra in (self._next_key_update, self._age_goaway_at):
+        message_deadline = None
+        if self.partial_since is not None and self._message_timeout is not None:
+            message_deadline = self.partial_since + self._message_timeout
+        for extra in (self._next_key_update, self._age_goaway_at, message_deadline):
             if extra is not None and (when is None or extra < when):
                 when = extra
         return when
@@ -460,6 +515,13 @@ class Endpoint:
             return []
         if phase is Phase.CLOSED:
             return []
+        if (
+            self.partial_since is not None
+            and self._message_timeout is not None
+            and now >= self.partial_since + self._message_timeout
+        ):
+            reason = f"message not complete within message_timeout ({self._message_timeout:g} s)"
+            return self._close(Status.UNAVAILABLE, reason, error=RemoteProtocolError(reason))
         out: list[EndpointEvent] = []
         for ev in self.calls.handle_timer(now):
             if isinstance(ev, ConnectionTerminated):

@@ -32,13 +32,16 @@ class FrameDecoder:
     call delivered, because an over-long prefix raises as soon as its four bytes are seen.
     """
 
-    __slots__ = ("_buf", "max_frame_size")
+    __slots__ = ("_buf", "frames", "max_frame_size")
 
     def __init__(self, max_frame_size: int) -> None:
         if max_frame_size <= 0:
             raise ValueError("max_frame_size must be positive")
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
+        # Complete frames so far: a caller tells a partial frame that is new from one that has
+        # been waiting (the slow-body deadline) by whether this moved.
+        self.frames = 0
 
     @property
     def buffered(self) -> int:
@@ -81,6 +84,7 @@ class FrameDecoder:
                 finally:
                     body.release()
                 pos = stop
+                self.frames += 1
         finally:
             view.release()
         if direct:

@@ -66,6 +66,7 @@ from vrpc.proto.record import (
 __all__ = [
     "MAX_ATTESTATION",
     "MAX_MESSAGE",
+    "MIN_RECORD_PLAINTEXT",
     "MODES",
     "Alert",
     "ClientHandshake",
@@ -89,6 +90,13 @@ KEY_LEN = 32
 MAC_LEN = ks.HASH_LEN
 CORE_LEN = 73
 MAX_ATTESTATION = 16384
+# The smallest max_record a peer may announce. The record size is the peer's to choose, but a
+# tiny one turns every byte we send into a 21-byte record header and tag plus an AEAD call:
+# at max_record=1 a 256 KiB answer became 5.5 MiB of wire and 262,144 encryptions in one loop
+# turn. 512 is the smallest fragment length TLS lets a peer ask for (RFC 6066
+# max_fragment_length, 2**9); at 512 the records cost at most 4 % overhead. (RFC 8449's
+# record_size_limit goes down to 64 for constrained IoT devices; no vrpc peer is one.)
+MIN_RECORD_PLAINTEXT = 512
 
 # Wire names of the modes (one byte each on the wire).
 MODES: dict[str, int] = {"prod": 1, "dev-insecure": 2, "plaintext": 3}
@@ -220,7 +228,12 @@ def _check_common(
         raise HandshakeError(f"unknown mode {mode}")
     if flags & ~FLAG_MUTUAL:
         raise HandshakeError("reserved flag bits set")
-    if not 0 < max_record <= MAX_RECORD_PLAINTEXT_LIMIT:
+    if max_record < MIN_RECORD_PLAINTEXT:
+        # Checked before any key exchange or attestation: the peer learns why from BAD_MESSAGE.
+        raise HandshakeError(
+            f"peer max_record {max_record} is below the minimum of {MIN_RECORD_PLAINTEXT}"
+        )
+    if max_record > MAX_RECORD_PLAINTEXT_LIMIT:
         raise HandshakeError("max_record out of range")
     if mode == _PLAINTEXT:
         if suite != SUITE_NONE or key_share != bytes(KEY_LEN) or flags:
@@ -342,8 +355,11 @@ class _Handshake:
         key_update_records: int,
         key_update_bytes: int,
     ) -> None:
-        if not 0 < max_record_plaintext <= MAX_RECORD_PLAINTEXT_LIMIT:
-            raise ValueError(f"max_record_plaintext must be in 1..{MAX_RECORD_PLAINTEXT_LIMIT}")
+        if not MIN_RECORD_PLAINTEXT <= max_record_plaintext <= MAX_RECORD_PLAINTEXT_LIMIT:
+            raise ValueError(
+                f"max_record_plaintext must be in "
+                f"{MIN_RECORD_PLAINTEXT}..{MAX_RECORD_PLAINTEXT_LIMIT}"
+            )
         self._rng = rng
         self._eph_raw = ephemeral_key
         self._max_record = max_record_plaintext

@@ -25,6 +25,11 @@ The sender rotates its key (KEY_UPDATE then ``x_ap' = ExpandLabel(x_ap, "traffic
 shell calls ``request_key_update()``. The receiver refuses more than 2**24 records under one key
 (the AES-GCM usage bound of RFC 8446 §5.5, rounded down).
 
+Each header is judged before its body is awaited: an unknown type, a KEY_UPDATE or CLOSE whose
+length is not exactly the tag, or a length over the receiver's maximum fails from the five header
+bytes. Records that carry no data (an empty DATA record, a KEY_UPDATE) spend an allowance that
+received data earns back (``EMPTY_RECORD_COST``): a flood of them fails after 32.
+
 Every failure is final: the keys are dropped and every later call raises. ``eof_received()`` is the
 shell's way to report the transport's end of stream: without a CLOSE record first it raises
 ``RemoteProtocolError`` (truncation), distinct from a clean close.
@@ -49,6 +54,8 @@ from vrpc.proto.keyschedule import traffic_key_iv, update_secret
 
 __all__ = [
     "DEFAULT_MAX_RECORD_PLAINTEXT",
+    "EMPTY_RECORD_ALLOWANCE",
+    "EMPTY_RECORD_COST",
     "KEY_UPDATE_BYTES",
     "KEY_UPDATE_RECORDS",
     "MAX_RECORD_PLAINTEXT_LIMIT",
@@ -73,6 +80,15 @@ KEY_UPDATE_RECORDS = 1 << 20
 KEY_UPDATE_BYTES = 1 << 34
 RECEIVE_RECORDS_PER_KEY = 1 << 24
 _MAX_KEY_UPDATE_RECORDS = RECEIVE_RECORDS_PER_KEY
+# Records that carry no data (an empty DATA record, a KEY_UPDATE) are refused beyond one per
+# 64 KiB of data received, after a start allowance of 32 (OpenSSL likewise refuses a 33rd empty
+# record or KeyUpdate in a row). The allowance is kept in bytes: every received plaintext byte
+# earns one, up to EMPTY_RECORD_ALLOWANCE; every empty record spends EMPTY_RECORD_COST. An honest
+# sender updates its key once an hour, or after 2**20 records or 2**34 bytes, and never sends an
+# empty DATA record; a peer that floods them spends at least as much bandwidth on data as the
+# receiver spends CPU on the empty records.
+EMPTY_RECORD_COST = 65536
+EMPTY_RECORD_ALLOWANCE = 32 * EMPTY_RECORD_COST
 # A single small record is sealed and opened with the allocating AEAD calls (cheapest for a few
 # bytes); from this size on, or for several records at once, the *_into calls work in one
 # preallocated buffer instead of one object per record plus a join.
@@ -112,6 +128,11 @@ class Session(Protocol):
         """The transport reached end of stream; raises if that truncated the session."""
         ...
 
+    @property
+    def buffered(self) -> int:
+        """Received bytes held for an incomplete record (memory accounting)."""
+        ...
+
 
 class PlaintextSession:
     """The identity session of plaintext mode: no records, no protection, no truncation check."""
@@ -138,6 +159,8 @@ class PlaintextSession:
     def request_key_update(self) -> None:
         return None
 
+    buffered = 0  # nothing is ever held
+
     def eof_received(self) -> None:
         # Plaintext mode has no authenticated close: end of stream is all there is.
         self.peer_closed = True
@@ -152,6 +175,7 @@ class RecordSession:
     """
 
     __slots__ = (
+        "_allowance",
         "_buf",
         "_failed",
         "_ku_bytes",
@@ -206,6 +230,7 @@ class RecordSession:
         self._ku_records = key_update_records
         self._ku_bytes = key_update_bytes
         self._buf = bytearray()
+        self._allowance = EMPTY_RECORD_ALLOWANCE
         self._send_secret: bytes | None = send_secret
         self._recv_secret: bytes | None = recv_secret
         self._send_aead: AESGCM | None = None
@@ -214,6 +239,11 @@ class RecordSession:
         self._send_seq = self._recv_seq = self._send_bytes = 0
         self._install_send(send_secret)
         self._install_recv(recv_secret)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete record held until the rest arrives."""
+        return len(self._buf)
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -283,6 +313,7 @@ class RecordSession:
             header_error: RemoteProtocolError | None = None
             data_bytes = 0
             data_records = 0
+            allowance = self._allowance
             scan = pos
             while end - scan >= HEADER_LEN:
                 rtype, length = _unpack_hdr(mv, scan)
@@ -291,9 +322,8 @@ class RecordSession:
                         f"record of {length} bytes exceeds the maximum of {max_ct}"
                     )
                     break
-                stop = scan + HEADER_LEN + length
-                if stop > end:
-                    break
+                # Type and length are judged from the header alone, before a byte of the body
+                # is buffered: an unknown type costs its five header bytes, nothing more.
                 if rtype != REC_DATA and (
                     length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
                 ):
@@ -302,6 +332,23 @@ class RecordSession:
                 if length < TAG_LEN:
                     header_error = RemoteProtocolError("record shorter than its tag")
                     break
+                stop = scan + HEADER_LEN + length
+                if stop > end:
+                    break
+                if length == TAG_LEN and rtype != REC_CLOSE:
+                    # An empty DATA record or a KEY_UPDATE carries nothing yet costs a decryption
+                    # (a key derivation for KEY_UPDATE): each spends EMPTY_RECORD_COST of the
+                    # allowance that received data earns back (see EMPTY_RECORD_COST).
+                    allowance -= EMPTY_RECORD_COST
+                    if allowance < 0:
+                        header_error = RemoteProtocolError(
+                            "too many empty or KEY_UPDATE records for the data received"
+                        )
+                        break
+                elif rtype == REC_DATA:
+                    allowance += length - TAG_LEN
+                    if allowance > EMPTY_RECORD_ALLOWANCE:
+                        allowance = EMPTY_RECORD_ALLOWANCE
                 records.append((rtype, scan, stop))
                 if rtype == REC_DATA:
                     data_bytes += length - TAG_LEN
@@ -309,6 +356,7 @@ class RecordSession:
                 scan = stop
                 if rtype == REC_CLOSE:
                     break  # anything after it is refused below
+            self._allowance = allowance
             # Pass 2: authenticate and decrypt in order. Several records, or a large one, are
             # decrypted straight into one buffer (decrypt_into): no plaintext object per record
             # and no join afterwards.
