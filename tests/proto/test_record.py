@@ -276,3 +276,32 @@ def test_random_bytes_only_remote_protocol_error(data: bytes, chunk: int) -> Non
         pass
     else:  # pragma: no cover - a forgery would mean AES-GCM is broken
         raise AssertionError("random bytes were accepted")
+
+
+def test_a_large_seal_reuses_its_buffer_only_once_the_wire_bytes_are_released() -> None:
+    a, b = pair()
+    first = a.seal(bytes(200_000))
+    held = bytes(first[0])
+    second = a.seal(b"\x01" * 200_000)
+    # The first wire bytes are still referenced (a transport with unsent data): untouched.
+    assert bytes(first[0]) == held
+    assert isinstance(second[0], memoryview) and second[0].obj is not first[0].obj
+    assert b.receive(held) == bytes(200_000)
+    owner = id(second[0].obj)
+    assert b.receive(bytes(second[0])) == b"\x01" * 200_000
+    del first, second
+    third = a.seal(b"\x02" * 150_000)
+    assert id(third[0].obj) == owner  # released: the same memory, no fresh page faults
+    assert b.receive(bytes(third[0])) == b"\x02" * 150_000
+
+
+def test_a_large_open_never_writes_over_plaintext_still_referenced() -> None:
+    a, b = pair()
+    one = b.receive(sealed(a, b"\x03" * 100_000))
+    two = b.receive(sealed(a, b"\x04" * 100_000))
+    assert bytes(one) == b"\x03" * 100_000 and bytes(two) == b"\x04" * 100_000
+    owner = id(two.obj if isinstance(two, memoryview) else two)
+    del one, two
+    three = b.receive(sealed(a, b"\x05" * 60_000))
+    assert bytes(three) == b"\x05" * 60_000
+    assert isinstance(three, memoryview) and id(three.obj) == owner
