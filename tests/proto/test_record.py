@@ -305,3 +305,33 @@ def test_a_large_open_never_writes_over_plaintext_still_referenced() -> None:
     three = b.receive(sealed(a, b"\x05" * 60_000))
     assert bytes(three) == b"\x05" * 60_000
     assert isinstance(three, memoryview) and id(three.obj) == owner
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 65536 + 20, 65536 + 21, 65536 + 22, 100_000, 262_144])
+def test_large_records_over_chunks_of_any_size(chunk: int) -> None:
+    a, b = pair()
+    data = bytes(i % 253 for i in range(5 * 65536 + 999))
+    wire = sealed(a, data) + sealed(a, b"tail") + a.close()
+    got = bytearray()
+    for i in range(0, len(wire), chunk):
+        got += b.receive(wire[i : i + chunk])
+    assert bytes(got) == data + b"tail"
+    assert b.peer_closed
+
+
+@pytest.mark.parametrize("extra", [b"\x17", b"\x17\x00\x00\x00\x10" + bytes(16)])
+def test_bytes_after_a_close_that_completes_a_pending_record(extra: bytes) -> None:
+    a, b = pair()
+    close = a.close()
+    assert b.receive(close[:3]) == b""
+    with pytest.raises(RemoteProtocolError, match="after the peer's CLOSE"):
+        b.receive(close[3:] + extra)
+
+
+def test_a_tampered_record_completed_by_a_later_chunk_fails() -> None:
+    a, b = pair()
+    wire = bytearray(sealed(a, bytes(100_000)))
+    wire[70_000] ^= 1  # inside the second record
+    assert len(b.receive(bytes(wire[:66_000]))) == 65536
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        b.receive(bytes(wire[66_000:]))

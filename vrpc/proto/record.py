@@ -291,54 +291,70 @@ class RecordSession:
         if aead is None:  # pragma: no cover - only after a failure, handled above
             raise RemoteProtocolError("session already failed")
         buf = self._buf
+        max_ct = self._max_recv_ct
         view: bytes | bytearray | memoryview
+        # A pending record that this chunk completes: only the bytes it lacks are copied to the
+        # buffer, and the rest of the chunk is read in place (not copied through the buffer).
+        head: bytearray | None = None
         if buf:
-            buf += data
-            view = buf
+            missing = 0
+            if len(buf) >= HEADER_LEN:
+                length = _unpack_hdr(buf, 0)[1]
+                if length <= max_ct:
+                    missing = HEADER_LEN + length - len(buf)
+            if 0 < missing <= len(data):
+                buf += memoryview(data)[:missing]
+                head = buf
+                view = memoryview(data)[missing:]
+            else:
+                buf += data
+                view = buf
         else:
             # Common case: parse the caller's chunk in place, buffer only an incomplete tail.
             view = data
         end = len(view)
         pos = 0
-        max_ct = self._max_recv_ct
         seq = self._recv_seq
         iv = self._recv_iv
         result: bytes | bytearray = b""
-        with memoryview(view) as mv:
-            # Pass 1: find the complete records, checking each header as soon as it is seen
-            # (an oversize length fails before anything is buffered for it). The first bad
-            # header stops the scan; the records before it are still authenticated first, so
-            # errors come out in wire order.
-            records: list[tuple[int, int, int]] = []
+        with memoryview(view) as mv, memoryview(head if head is not None else b"") as hv:
+            # Pass 1: find the complete records (the completed pending one first), checking
+            # each header as soon as it is seen (an oversize length fails before anything is
+            # buffered for it). The first bad header stops the scan; the records before it are
+            # still authenticated first, so errors come out in wire order.
+            records: list[tuple[int, memoryview, int, int]] = []
             header_error: RemoteProtocolError | None = None
             data_bytes = 0
             data_records = 0
-            scan = pos
-            while end - scan >= HEADER_LEN:
-                rtype, length = _unpack_hdr(mv, scan)
-                if length > max_ct:
-                    header_error = FrameTooLarge(
-                        f"record of {length} bytes exceeds the maximum of {max_ct}"
-                    )
+            for src, src_end in ((hv, len(hv)), (mv, end)) if head is not None else ((mv, end),):
+                scan = 0
+                while src_end - scan >= HEADER_LEN:
+                    rtype, length = _unpack_hdr(src, scan)
+                    if length > max_ct:
+                        header_error = FrameTooLarge(
+                            f"record of {length} bytes exceeds the maximum of {max_ct}"
+                        )
+                        break
+                    stop = scan + HEADER_LEN + length
+                    if stop > src_end:
+                        break
+                    if rtype != REC_DATA and (
+                        length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
+                    ):
+                        header_error = RemoteProtocolError("malformed record header")
+                        break
+                    if length < TAG_LEN:
+                        header_error = RemoteProtocolError("record shorter than its tag")
+                        break
+                    records.append((rtype, src, scan, stop))
+                    if rtype == REC_DATA:
+                        data_bytes += length - TAG_LEN
+                        data_records += 1
+                    scan = stop
+                    if rtype == REC_CLOSE:
+                        break  # anything after it is refused below
+                if header_error is not None or (records and records[-1][0] == REC_CLOSE):
                     break
-                stop = scan + HEADER_LEN + length
-                if stop > end:
-                    break
-                if rtype != REC_DATA and (
-                    length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
-                ):
-                    header_error = RemoteProtocolError("malformed record header")
-                    break
-                if length < TAG_LEN:
-                    header_error = RemoteProtocolError("record shorter than its tag")
-                    break
-                records.append((rtype, scan, stop))
-                if rtype == REC_DATA:
-                    data_bytes += length - TAG_LEN
-                    data_records += 1
-                scan = stop
-                if rtype == REC_CLOSE:
-                    break  # anything after it is refused below
             # Pass 2: authenticate and decrypt in order. Several records, or a large one, are
             # decrypted straight into one buffer (decrypt_into): no plaintext object per record
             # and no join afterwards.
@@ -347,10 +363,10 @@ class RecordSession:
             out_buf = self._open_buffer(data_bytes) if into else None
             filled = 0
             with memoryview(out_buf if out_buf is not None else b"") as dst:
-                for rtype, start, stop in records:
+                for rtype, src, start, stop in records:
                     nonce = (iv ^ seq).to_bytes(12, "big")
-                    body = mv[start + HEADER_LEN : stop]
-                    hdr = mv[start : start + HEADER_LEN]
+                    body = src[start + HEADER_LEN : stop]
+                    hdr = src[start : start + HEADER_LEN]
                     try:
                         if into and rtype == REC_DATA:
                             size = stop - start - HEADER_LEN - TAG_LEN
@@ -368,7 +384,8 @@ class RecordSession:
                         body.release()
                         hdr.release()
                     seq += 1
-                    pos = stop
+                    if src is mv:
+                        pos = stop
                     if rtype == REC_DATA:
                         if not into and plain:
                             chunks.append(plain)
@@ -386,7 +403,9 @@ class RecordSession:
                         seq = 0
                         iv = self._recv_iv
                     else:  # REC_CLOSE
-                        if stop != end:
+                        # CLOSE must be the last bytes: of the chunk, or (completing a
+                        # pending record) with nothing after it in the chunk.
+                        if (stop != end) if src is mv else end:
                             raise self._fail(
                                 RemoteProtocolError("data after the peer's CLOSE record")
                             )
@@ -395,14 +414,20 @@ class RecordSession:
             if header_error is not None:
                 self._recv_seq = seq
                 raise self._fail(header_error)
-            if not self.peer_closed and view is not buf and pos < end:
+            if not self.peer_closed and view is not buf and head is None and pos < end:
                 buf += mv[pos:]
         # Outside the ``with``: a bytearray cannot be resized while a memoryview exports it.
         if self.peer_closed:
             self._drop_recv()
         else:
             self._recv_seq = seq
-            if view is buf and pos:
+            if head is not None:
+                # The completed record was read (or the session failed above); keep only the
+                # incomplete tail of this chunk.
+                del buf[:]
+                if pos < end:
+                    buf += view[pos:]
+            elif view is buf and pos:
                 del buf[:pos]
         if out_buf is not None:
             # A view of exactly the plaintext: the buffer may be longer (kept from before).
