@@ -355,3 +355,14 @@ def test_a_tampered_record_completed_by_a_later_chunk_fails() -> None:
     assert len(b.receive(bytes(wire[:66_000]))) == 65536
     with pytest.raises(RemoteProtocolError, match="authentication"):
         b.receive(bytes(wire[66_000:]))
+
+
+def test_buffers_above_the_keep_limit_are_not_kept() -> None:
+    a, b = pair()
+    big = recmod._KEEP_MAX + 1
+    first = a.seal(bytes(big))
+    assert b.receive(bytes(first[0])) == bytes(big)
+    del first
+    assert a._seal_spares == []  # nothing kept from the oversize seal
+    small = a.seal(bytes(100_000))
+    assert len(small[0].obj) < big and a._seal_spares[0] is small[0].obj
