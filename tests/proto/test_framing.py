@@ -136,5 +136,21 @@ def test_the_assembly_buffer_is_reused_only_when_nothing_holds_it() -> None:
     del first
     ident = id(second)
     del second
+    assert id(dec._asm) == ident  # alive in the decoder: no new object can share the id
     third, body = body_owner(encode_frame(b"c" * 90_000))
     assert id(third) == ident and body == b"c" * 90_000  # released: written in place
+
+
+def test_unheld_sees_live_views_whatever_the_reference_count() -> None:
+    from vrpc.proto.framing import unheld
+
+    buf = bytearray(b"abc")
+    assert unheld(buf, 1) and buf == b"abc"
+    view = memoryview(buf)[1:]
+    # Even when told to allow many references, a live export means someone holds the bytes.
+    assert not unheld(buf, 100)
+    view.release()
+    assert unheld(buf, 100) and buf == b"abc"
+    other = buf  # a plain reference beyond the owner's
+    assert not unheld(buf, 1)
+    del other

@@ -12,13 +12,29 @@ from collections.abc import Iterator
 
 from vrpc.exceptions import FrameTooLarge
 
-__all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame"]
+__all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame", "unheld"]
 
 HEADER_SIZE = 4
 _MAX_PREFIX = 0xFFFFFFFF
 # A partial frame at least this large is assembled in a buffer of its own size (see FrameDecoder).
 _ASSEMBLE_FROM = 65536
 _refs = sys.getrefcount
+
+
+def unheld(buf: bytearray, owned: int) -> bool:
+    """Nothing but its owner holds ``buf``, so it may be written again: no buffer export is
+    alive (a memoryview, a transport's pending write) and ``sys.getrefcount`` sees no more than
+    the owner's ``owned`` references (its container and the caller's variable) plus this call's
+    own two. The export check does not depend on how an interpreter counts references held by
+    local variables."""
+    if _refs(buf) > owned + 2:
+        return False
+    try:
+        last = buf.pop()  # any resize fails while an export is alive
+    except BufferError:
+        return False
+    buf.append(last)  # within the allocation: no copy
+    return True
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -63,9 +79,9 @@ class FrameDecoder:
     def _assemble(self, size: int, part: memoryview) -> None:
         """Start assembling a body of ``size`` bytes whose first bytes are ``part``."""
         asm = self._asm
-        # References: the attribute, ``asm`` and getrefcount's argument; any more is a holder
-        # of an earlier body, which must not be written over.
-        if asm is None or len(asm) < size or _refs(asm) != 3:
+        # Owned through the attribute and ``asm``; any other holder (or a live view) keeps an
+        # earlier body, which must not be written over.
+        if asm is None or len(asm) < size or not unheld(asm, 2):
             asm = self._asm = bytearray(size)
         fill = len(part)
         asm[:fill] = part

@@ -39,13 +39,13 @@ pass through unchanged and there are no records at all.
 from __future__ import annotations
 
 import struct
-import sys
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vrpc.exceptions import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from vrpc.proto.framing import unheld
 from vrpc.proto.keyschedule import traffic_key_iv, update_secret
 
 __all__ = [
@@ -83,7 +83,6 @@ _JOIN_BELOW = 16384
 # costs ~256 page faults when first written, more than encrypting it. Buffers above this size
 # are not kept (a connection keeps at most two sealing buffers and one opening buffer).
 _KEEP_MAX = 4 * 1024 * 1024 + 65536
-_refs = sys.getrefcount
 
 _hdr = struct.Struct(">BI")
 _pack_hdr = _hdr.pack
@@ -274,8 +273,8 @@ class RecordSession:
         open when nothing references it any more (the caller released what ``receive``
         returned), else a fresh one."""
         spare = self._recv_spare
-        # References: the attribute, ``spare`` and getrefcount's argument; any more is a holder.
-        if spare is not None and len(spare) >= size and _refs(spare) == 3:
+        # Owned through the attribute and ``spare``; anything else is a holder.
+        if spare is not None and len(spare) >= size and unheld(spare, 2):
             return spare
         buf = bytearray(size)
         self._recv_spare = buf if size <= _KEEP_MAX else None
@@ -431,8 +430,9 @@ class RecordSession:
             elif view is buf and pos:
                 del buf[:pos]
         if out_buf is not None:
-            # A view of exactly the plaintext: the buffer may be longer (kept from before).
-            return memoryview(out_buf)[:data_bytes] if len(out_buf) != data_bytes else out_buf
+            # A view of exactly the plaintext (the buffer may be longer, kept from before); a
+            # holder of the view is what keeps the buffer from being written again.
+            return memoryview(out_buf)[:data_bytes]
         if chunks:
             result = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return result
@@ -500,9 +500,9 @@ class RecordSession:
         need = total + records * (2 * HEADER_LEN + 2 * TAG_LEN)
         spares = self._seal_spares
         for buf in spares:
-            # References: the list, ``buf`` and getrefcount's argument. Any more means the
-            # transport (or a caller) still holds those wire bytes: never write over them.
-            if len(buf) >= need and _refs(buf) == 3:
+            # Owned through the list and ``buf``; any other holder (the transport with unsent
+            # data, a caller) still has those wire bytes: never write over them.
+            if len(buf) >= need and unheld(buf, 2):
                 break
         else:
             buf = bytearray(need)
