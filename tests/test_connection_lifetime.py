@@ -81,6 +81,17 @@ async def test_client_close_is_answered_by_the_servers_close(serve: Any, tmp_pat
         await client.close()
         assert proto.closed_by is not None and proto.closed_by.clean
         assert proto.closed_by.reason == "the server closed the connection"
+        assert proto.gone.done()  # what close awaited: no polling
+
+
+async def test_a_lost_connection_resolves_what_a_close_awaits(serve: Any, tmp_path: Path) -> None:
+    async with serve(unix(tmp_path), [Slow()]) as (_, client):
+        await client.stub(Slow).nap(0)
+        proto = client._proto
+        assert not proto.gone.done()
+        proto.abort()  # no CLOSE exchange at all
+        await asyncio.wait_for(proto.gone, 2.0)
+        assert proto.closed
 
 
 async def test_server_shutdown_closes_with_close_records(

@@ -337,3 +337,25 @@ async def test_unencodable_result_is_internal_and_the_connection_survives(
         proto = client._proto
         assert await client.stub(Demo).add(1) == 2
         assert client._proto is proto
+
+
+class _Recorder:
+    """A channel that records the calls made through it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[str, list[Any]]] = []
+
+    async def call(self, method: str, args: list[Any], **_: Any) -> Any:
+        self.calls.append((method, args))
+        return 1 if method.endswith("add") else self.name
+
+
+async def test_stubs_of_one_interface_share_a_class_and_call_their_own_channel() -> None:
+    from vrpc.stub import make_stub
+
+    one, two = _Recorder("one"), _Recorder("two")
+    a, b = make_stub(one, Demo), make_stub(two, Demo)  # type: ignore[arg-type]
+    assert type(a) is type(b) and isinstance(a, Demo)  # built once per interface
+    assert await a.add(5) == 1 and await b.add(7) == 1
+    assert one.calls == [("demo.v1.add", [5, 1])] and two.calls == [("demo.v1.add", [7, 1])]

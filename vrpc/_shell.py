@@ -45,6 +45,9 @@ class EndpointProtocol(asyncio.Protocol):
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.closed_by: ConnectionClosed | None = None  # how the connection ended
+        # Resolved once the connection is over (closed by the endpoint or lost): what a close
+        # awaits, instead of polling.
+        self.gone: asyncio.Future[None] = self.loop.create_future()
 
     def make_endpoint(self, now: float, wall_clock: float) -> Endpoint:
         raise NotImplementedError
@@ -86,6 +89,8 @@ class EndpointProtocol(asyncio.Protocol):
             self.dispatch(events)
         self._cancel_callbacks()
         self.write_gate.open()
+        if not self.gone.done():
+            self.gone.set_result(None)
 
     def pause_writing(self) -> None:
         self.write_gate.close()
@@ -147,6 +152,8 @@ class EndpointProtocol(asyncio.Protocol):
         self.closed = True
         self.closed_by = ev
         self.write_gate.open()
+        if not self.gone.done():
+            self.gone.set_result(None)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             out = self.endpoint.data_to_send()

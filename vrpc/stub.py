@@ -9,6 +9,7 @@ the interface's exact signature. Results come back converted to the declared ret
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,20 +46,29 @@ def _arg_packer(spec: MethodSpec, func: Any) -> Any:
     return pack
 
 
+# The generated class of each interface, made once: building one runs the interface checks of
+# ``Service.__init_subclass__`` and reads every method's signature, ~1 ms, which a client made per
+# connection would otherwise pay each time. The channel is per instance.
+_STUB_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
 def make_stub(channel: Channel, interface: type[T]) -> T:
     """An instance of a generated subclass of ``interface`` whose ``@rpc`` methods call
     through ``channel`` (a ``Client`` or a ``Pool``)."""
-    specs = describe_service(interface)
-    namespace: dict[str, Any] = {"__slots__": (), "_vrpc_channel": channel}
-    for spec in specs.values():
-        declared = getattr(interface, spec.attr)
-        namespace[spec.attr] = _make_method(channel, spec, declared)
-    cls = type(f"{interface.__name__}Stub", (interface,), namespace)
+    cls = _STUB_CLASSES.get(interface)
+    if cls is None:
+        specs = describe_service(interface)
+        namespace: dict[str, Any] = {"__slots__": ("_vrpc_channel",)}
+        for spec in specs.values():
+            declared = getattr(interface, spec.attr)
+            namespace[spec.attr] = _make_method(spec, declared)
+        cls = _STUB_CLASSES[interface] = type(f"{interface.__name__}Stub", (interface,), namespace)
     stub: T = object.__new__(cls)
+    stub._vrpc_channel = channel  # type: ignore[attr-defined]
     return stub
 
 
-def _make_method(channel: Channel, spec: MethodSpec, declared: Any) -> Any:
+def _make_method(spec: MethodSpec, declared: Any) -> Any:
     pack = _arg_packer(spec, declared)
     convert = converter_for(spec.result_type)
     name = spec.full_name
@@ -69,14 +79,16 @@ def _make_method(channel: Channel, spec: MethodSpec, declared: Any) -> Any:
 
         async def unary(self: Any, *args: Any, **kwargs: Any) -> Any:
             wire, _ = pack(args, kwargs)
-            return convert(await channel.call(name, wire, idempotent=idempotent, timeout=timeout))
+            return convert(
+                await self._vrpc_channel.call(name, wire, idempotent=idempotent, timeout=timeout)
+            )
 
         method = unary
     elif spec.kind is MethodKind.CLIENT_STREAM:
 
         async def client_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
             wire, request = pack(args, kwargs)
-            async for result in channel.stream(
+            async for result in self._vrpc_channel.stream(
                 name, wire, request=request, stream_response=False, timeout=timeout, convert=convert
             ):
                 return result
@@ -87,7 +99,7 @@ def _make_method(channel: Channel, spec: MethodSpec, declared: Any) -> Any:
 
         def streaming(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             wire, request = pack(args, kwargs)
-            return channel.stream(
+            return self._vrpc_channel.stream(  # type: ignore[no-any-return]
                 name,
                 wire,
                 request=request if spec.kind is MethodKind.BIDI_STREAM else None,

@@ -497,3 +497,16 @@ def test_a_client_ignoring_the_announced_limit_is_refused_unprocessed() -> None:
         "more than 2 calls in flight on this connection",
         {"unprocessed": True},
     )
+
+
+def test_credit_returns_a_quarter_of_the_window_at_a_time() -> None:
+    client, server = pair()
+    cid = client.start_call("s.m", [], now=0, stream_request=True)
+    pipe(client, server)
+    quarter = INITIAL_WINDOW // 4
+    server.consumed(cid, quarter - 1)
+    assert server.pending_bytes == 0  # not yet worth a CREDIT message
+    server.consumed(cid, 1)
+    sent = server.data_to_send()
+    assert sent is not None
+    assert msgspec.msgpack.decode(bytes(sent[4:])) == [6, cid, quarter]  # CREDIT

@@ -85,7 +85,7 @@ def test_feeding_styles(style: str) -> None:
         got = b"".join(b.receive(wire[i : i + 1]) for i in range(len(wire)))
     else:
         mid = len(wire) // 2 + 3
-        got = b.receive(wire[:mid]) + b.receive(wire[mid:])
+        got = bytes(b.receive(wire[:mid])) + bytes(b.receive(wire[mid:]))
     assert got == b"".join(parts)
 
 
@@ -355,3 +355,108 @@ def test_a_flood_of_key_updates_is_refused_before_it_is_processed() -> None:
     flood = b"".join(_key_update(a) for _ in range(20_000))
     with pytest.raises(RemoteProtocolError, match="too many empty"):
         b.receive(flood)
+
+
+def test_a_large_seal_reuses_its_buffer_only_once_the_wire_bytes_are_released() -> None:
+    a, b = pair()
+    first = a.seal(bytes(200_000))
+    held = bytes(first[0])
+    second = a.seal(b"\x01" * 200_000)
+    # The first wire bytes are still referenced (a transport with unsent data): untouched.
+    assert bytes(first[0]) == held
+    assert isinstance(second[0], memoryview) and second[0].obj is not first[0].obj
+    assert b.receive(held) == bytes(200_000)
+    assert b.receive(bytes(second[0])) == b"\x01" * 200_000
+    del first, second
+    kept = [id(buf) for buf in a._seal_spares]  # alive: no new object can share these ids
+    third = a.seal(b"\x02" * 150_000)
+    assert id(third[0].obj) in kept  # released: the same memory, no fresh page faults
+    assert b.receive(bytes(third[0])) == b"\x02" * 150_000
+
+
+def test_while_the_last_sealed_buffer_is_held_the_one_before_is_reused() -> None:
+    a, b = pair()
+    first = a.seal(bytes(100_000))
+    assert b.receive(bytes(first[0])) == bytes(100_000)
+    del first
+    earlier = id(a._seal_spares[0])
+    held = a.seal(b"\x07" * 100_000)  # a busy socket keeps this one
+    assert id(held[0].obj) == earlier
+    nxt = a.seal(b"\x08" * 100_000)
+    later = id(nxt[0].obj)
+    assert later != earlier  # never written over while held
+    assert b.receive(bytes(held[0])) == b"\x07" * 100_000
+    assert b.receive(bytes(nxt[0])) == b"\x08" * 100_000
+    del nxt
+    assert [id(buf) for buf in a._seal_spares] == [earlier, later]
+    again = a.seal(b"\x09" * 100_000)
+    assert id(again[0].obj) == later  # the other kept buffer is free: no fresh one
+    assert bytes(held[0]) != bytes(again[0])
+    assert b.receive(bytes(again[0])) == b"\x09" * 100_000
+
+
+def test_a_large_open_never_writes_over_plaintext_still_referenced() -> None:
+    a, b = pair()
+    one = b.receive(sealed(a, b"\x03" * 100_000))
+    two = b.receive(sealed(a, b"\x04" * 100_000))
+    assert bytes(one) == b"\x03" * 100_000 and bytes(two) == b"\x04" * 100_000
+    assert isinstance(two, memoryview)
+    del one, two
+    assert b._recv_spare is not None
+    owner = id(b._recv_spare)
+    three = b.receive(sealed(a, b"\x05" * 60_000))
+    assert bytes(three) == b"\x05" * 60_000
+    assert isinstance(three, memoryview) and id(three.obj) == owner
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 65536 + 20, 65536 + 21, 65536 + 22, 100_000, 262_144])
+def test_large_records_over_chunks_of_any_size(chunk: int) -> None:
+    a, b = pair()
+    data = bytes(i % 253 for i in range(5 * 65536 + 999))
+    wire = sealed(a, data) + sealed(a, b"tail") + a.close()
+    got = bytearray()
+    for i in range(0, len(wire), chunk):
+        got += b.receive(wire[i : i + chunk])
+    assert bytes(got) == data + b"tail"
+    assert b.peer_closed
+
+
+@pytest.mark.parametrize("extra", [b"\x17", b"\x17\x00\x00\x00\x10" + bytes(16)])
+def test_bytes_after_a_close_that_completes_a_pending_record(extra: bytes) -> None:
+    a, b = pair()
+    close = a.close()
+    assert b.receive(close[:3]) == b""
+    with pytest.raises(RemoteProtocolError, match="after the peer's CLOSE"):
+        b.receive(close[3:] + extra)
+
+
+def test_a_tampered_record_completed_by_a_later_chunk_fails() -> None:
+    a, b = pair()
+    wire = bytearray(sealed(a, bytes(100_000)))
+    wire[70_000] ^= 1  # inside the second record
+    assert len(b.receive(bytes(wire[:66_000]))) == 65536
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        b.receive(bytes(wire[66_000:]))
+
+
+def test_buffers_above_the_keep_limit_are_not_kept() -> None:
+    a, b = pair()
+    big = recmod._KEEP_MAX + 1
+    first = a.seal(bytes(big))
+    assert b.receive(bytes(first[0])) == bytes(big)
+    del first
+    assert a._seal_spares == []  # nothing kept from the oversize seal
+    small = a.seal(bytes(100_000))
+    assert len(small[0].obj) < big and a._seal_spares[0] is small[0].obj
+
+
+def test_a_live_view_of_sealed_bytes_is_never_written_over() -> None:
+    a, _ = pair()
+    wire = a.seal(bytes(100_000))
+    pending = wire[0][1000:]  # what a transport keeps of a partial write: a view, not the list
+    expected = bytes(pending)
+    del wire
+    for n in range(3):
+        more = a.seal(bytes([n + 1]) * 100_000)
+        assert bytes(pending) == expected
+        del more

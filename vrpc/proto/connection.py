@@ -35,9 +35,10 @@ connection; a REQUEST above that limit is refused with RESOURCE_EXHAUSTED and th
 
 Flow control is per stream and counted in encoded bytes. A sender starts with ``INITIAL_WINDOW``
 bytes of credit per stream direction and may send an item while its credit is positive; the
-receiver returns credit (CREDIT messages) as the application consumes items. The receiver's
-buffer for one stream is therefore bounded by the window plus one message, whatever the peer does;
-a peer that sends without credit breaks the protocol and loses the connection.
+receiver returns credit (CREDIT messages) as the application consumes items, a quarter of the
+window at a time. The receiver's buffer for one stream is therefore bounded by the window plus one
+message, whatever the peer does; a peer that sends without credit breaks the protocol and loses
+the connection.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024 + 1024
-INITIAL_WINDOW = 256 * 1024
+# 1 MiB: at 256 KiB a stream of 64 KiB items moved two items per round trip (credit-bound, not
+# CPU-bound); a window of 16 items keeps the sender busy while credit returns (docs/performance.md).
+INITIAL_WINDOW = 1024 * 1024
+# The receiver returns credit once this much was consumed: a quarter of the window, so the sender
+# has three quarters left in flight when the grant leaves.
+_GRANT_AT = INITIAL_WINDOW // 4
 _FLAG_STREAM_REQUEST = 1
 _FLAG_STREAM_RESPONSE = 2
 
@@ -447,7 +453,7 @@ class Connection:
         if call is None:
             return
         call.pending_grant += size
-        if call.pending_grant >= INITIAL_WINDOW // 2:
+        if call.pending_grant >= _GRANT_AT:
             grant, call.pending_grant = call.pending_grant, 0
             call.recv_credit += grant
             self._emit((CREDIT, call_id, grant))

@@ -137,7 +137,7 @@ class Endpoint:
         self.channel_binding = b""
         self.established_at: float | None = None
         self._handshake: ClientHandshake | ServerHandshake | None = handshake
-        self._wire: list[bytes | bytearray] = []
+        self._wire: list[bytes | bytearray | memoryview] = []
         self._handshake_deadline = now + handshake_timeout
         self._max_session_age = max_session_age
         self._session_grace = session_grace
@@ -455,7 +455,7 @@ class Endpoint:
         except LocalProtocolError:
             pass  # the session already failed: nothing more can be sent
 
-    def data_to_send(self) -> list[bytes | bytearray]:
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Wire bytes to write, in order (possibly empty). Buffers are fresh and never touched
         again by the endpoint (transports may keep a reference to unsent data)."""
         wire = self._wire
@@ -475,7 +475,7 @@ class Endpoint:
             return self._take_wire()
         return []
 
-    def _take_wire(self) -> list[bytes | bytearray]:
+    def _take_wire(self) -> list[bytes | bytearray | memoryview]:
         wire, self._wire = self._wire, []
         return wire
 

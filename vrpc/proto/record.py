@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vrpc.exceptions import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from vrpc.proto.framing import unheld
 from vrpc.proto.keyschedule import traffic_key_iv, update_secret
 
 __all__ = [
@@ -93,6 +94,11 @@ EMPTY_RECORD_ALLOWANCE = 32 * EMPTY_RECORD_COST
 # bytes); from this size on, or for several records at once, the *_into calls work in one
 # preallocated buffer instead of one object per record plus a join.
 _JOIN_BELOW = 16384
+# A large seal or open works in a buffer kept from the previous one, as long as nothing else
+# references it any more (the transport wrote it; the caller dropped its view). A fresh megabyte
+# costs ~256 page faults when first written, more than encrypting it. Buffers above this size
+# are not kept (a connection keeps at most two sealing buffers and one opening buffer).
+_KEEP_MAX = 4 * 1024 * 1024 + 65536
 
 _hdr = struct.Struct(">BI")
 _pack_hdr = _hdr.pack
@@ -106,14 +112,17 @@ class Session(Protocol):
     encrypted: bool
     created_at: float | None
 
-    def receive(self, data: bytes) -> bytes | bytearray:
-        """Wire bytes in, plaintext stream bytes out (possibly ``b""``). A returned bytearray
-        is the caller's: the session never touches it again."""
+    def receive(self, data: bytes) -> bytes | bytearray | memoryview:
+        """Wire bytes in, plaintext stream bytes out (possibly ``b""``). The session never
+        writes over what it returned while anyone still references it."""
         ...
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+    def seal(
+        self, plaintext: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
         """Plaintext stream bytes in; the wire bytes to send, in order (for writelines). The
-        returned buffers are fresh and never touched again by the session."""
+        session never writes over a returned buffer while anyone (a transport with unsent
+        data) still references it."""
         ...
 
     def close(self) -> bytes:
@@ -148,7 +157,9 @@ class PlaintextSession:
     def receive(self, data: bytes) -> bytes:
         return bytes(data)
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+    def seal(
+        self, plaintext: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
         # bytes(b) of a bytes object is the same object: no copy in the common case, and a
         # caller's bytearray is copied so we never keep a buffer the caller may mutate.
         return [bytes(plaintext)] if len(plaintext) else []
@@ -187,6 +198,8 @@ class RecordSession:
         "_recv_iv",
         "_recv_secret",
         "_recv_seq",
+        "_recv_spare",
+        "_seal_spares",
         "_send_aead",
         "_send_bytes",
         "_send_iv",
@@ -231,6 +244,9 @@ class RecordSession:
         self._ku_bytes = key_update_bytes
         self._buf = bytearray()
         self._allowance = EMPTY_RECORD_ALLOWANCE
+        self._recv_spare: bytearray | None = None
+        # Two: while a busy socket holds the last sealed buffer, the one before is usually free.
+        self._seal_spares: list[bytearray] = []
         self._send_secret: bytes | None = send_secret
         self._recv_secret: bytes | None = recv_secret
         self._send_aead: AESGCM | None = None
@@ -266,11 +282,13 @@ class RecordSession:
         # Python cannot wipe memory; dropping the only references is the best available.
         self._send_aead = None
         self._send_secret = None
+        self._seal_spares = []
 
     def _drop_recv(self) -> None:
         self._recv_aead = None
         self._recv_secret = None
         self._buf = bytearray()
+        self._recv_spare = None
 
     def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
         self._failed = True
@@ -280,7 +298,19 @@ class RecordSession:
 
     # -- receiving --------------------------------------------------------------------------------
 
-    def receive(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    def _open_buffer(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes to decrypt into: the one kept from the previous
+        open when nothing references it any more (the caller released what ``receive``
+        returned), else a fresh one."""
+        spare = self._recv_spare
+        # Owned through the attribute and ``spare``; anything else is a holder.
+        if spare is not None and len(spare) >= size and unheld(spare, 2):
+            return spare
+        buf = bytearray(size)
+        self._recv_spare = buf if size <= _KEEP_MAX else None
+        return buf
+
+    def receive(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         if self._failed:
             raise RemoteProtocolError("session already failed")
         if self.peer_closed:
@@ -291,84 +321,100 @@ class RecordSession:
         if aead is None:  # pragma: no cover - only after a failure, handled above
             raise RemoteProtocolError("session already failed")
         buf = self._buf
+        max_ct = self._max_recv_ct
         view: bytes | bytearray | memoryview
+        # A pending record that this chunk completes: only the bytes it lacks are copied to the
+        # buffer, and the rest of the chunk is read in place (not copied through the buffer).
+        head: bytearray | None = None
         if buf:
-            buf += data
-            view = buf
+            missing = 0
+            if len(buf) >= HEADER_LEN:
+                length = _unpack_hdr(buf, 0)[1]
+                if length <= max_ct:
+                    missing = HEADER_LEN + length - len(buf)
+            if 0 < missing <= len(data):
+                buf += memoryview(data)[:missing]
+                head = buf
+                view = memoryview(data)[missing:]
+            else:
+                buf += data
+                view = buf
         else:
             # Common case: parse the caller's chunk in place, buffer only an incomplete tail.
             view = data
         end = len(view)
         pos = 0
-        max_ct = self._max_recv_ct
         seq = self._recv_seq
         iv = self._recv_iv
         result: bytes | bytearray = b""
-        with memoryview(view) as mv:
-            # Pass 1: find the complete records, checking each header as soon as it is seen
-            # (an oversize length fails before anything is buffered for it). The first bad
-            # header stops the scan; the records before it are still authenticated first, so
-            # errors come out in wire order.
-            records: list[tuple[int, int, int]] = []
+        with memoryview(view) as mv, memoryview(head if head is not None else b"") as hv:
+            # Pass 1: find the complete records (the completed pending one first), checking
+            # each header as soon as it is seen (an oversize length fails before anything is
+            # buffered for it). The first bad header stops the scan; the records before it are
+            # still authenticated first, so errors come out in wire order.
+            records: list[tuple[int, memoryview, int, int]] = []
             header_error: RemoteProtocolError | None = None
             data_bytes = 0
             data_records = 0
             allowance = self._allowance
-            scan = pos
-            while end - scan >= HEADER_LEN:
-                rtype, length = _unpack_hdr(mv, scan)
-                if length > max_ct:
-                    header_error = FrameTooLarge(
-                        f"record of {length} bytes exceeds the maximum of {max_ct}"
-                    )
-                    break
-                # Type and length are judged from the header alone, before a byte of the body
-                # is buffered: an unknown type costs its five header bytes, nothing more.
-                if rtype != REC_DATA and (
-                    length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
-                ):
-                    header_error = RemoteProtocolError("malformed record header")
-                    break
-                if length < TAG_LEN:
-                    header_error = RemoteProtocolError("record shorter than its tag")
-                    break
-                stop = scan + HEADER_LEN + length
-                if stop > end:
-                    break
-                if length == TAG_LEN and rtype != REC_CLOSE:
-                    # An empty DATA record or a KEY_UPDATE carries nothing yet costs a decryption
-                    # (a key derivation for KEY_UPDATE): each spends EMPTY_RECORD_COST of the
-                    # allowance that received data earns back (see EMPTY_RECORD_COST).
-                    allowance -= EMPTY_RECORD_COST
-                    if allowance < 0:
-                        header_error = RemoteProtocolError(
-                            "too many empty or KEY_UPDATE records for the data received"
+            for src, src_end in ((hv, len(hv)), (mv, end)) if head is not None else ((mv, end),):
+                scan = 0
+                while src_end - scan >= HEADER_LEN:
+                    rtype, length = _unpack_hdr(src, scan)
+                    if length > max_ct:
+                        header_error = FrameTooLarge(
+                            f"record of {length} bytes exceeds the maximum of {max_ct}"
                         )
                         break
-                elif rtype == REC_DATA:
-                    allowance += length - TAG_LEN
-                    if allowance > EMPTY_RECORD_ALLOWANCE:
-                        allowance = EMPTY_RECORD_ALLOWANCE
-                records.append((rtype, scan, stop))
-                if rtype == REC_DATA:
-                    data_bytes += length - TAG_LEN
-                    data_records += 1
-                scan = stop
-                if rtype == REC_CLOSE:
-                    break  # anything after it is refused below
+                    # Type and length are judged from the header alone, before a byte of the
+                    # body is buffered: an unknown type costs its five header bytes, nothing more.
+                    if rtype != REC_DATA and (
+                        length != TAG_LEN or (rtype != REC_KEY_UPDATE and rtype != REC_CLOSE)
+                    ):
+                        header_error = RemoteProtocolError("malformed record header")
+                        break
+                    if length < TAG_LEN:
+                        header_error = RemoteProtocolError("record shorter than its tag")
+                        break
+                    stop = scan + HEADER_LEN + length
+                    if stop > src_end:
+                        break
+                    if length == TAG_LEN and rtype != REC_CLOSE:
+                        # An empty DATA record or a KEY_UPDATE carries nothing yet costs a
+                        # decryption (a key derivation for KEY_UPDATE): each spends
+                        # EMPTY_RECORD_COST of the allowance that received data earns back.
+                        allowance -= EMPTY_RECORD_COST
+                        if allowance < 0:
+                            header_error = RemoteProtocolError(
+                                "too many empty or KEY_UPDATE records for the data received"
+                            )
+                            break
+                    elif rtype == REC_DATA:
+                        allowance += length - TAG_LEN
+                        if allowance > EMPTY_RECORD_ALLOWANCE:
+                            allowance = EMPTY_RECORD_ALLOWANCE
+                    records.append((rtype, src, scan, stop))
+                    if rtype == REC_DATA:
+                        data_bytes += length - TAG_LEN
+                        data_records += 1
+                    scan = stop
+                    if rtype == REC_CLOSE:
+                        break  # anything after it is refused below
+                if header_error is not None or (records and records[-1][0] == REC_CLOSE):
+                    break
             self._allowance = allowance
             # Pass 2: authenticate and decrypt in order. Several records, or a large one, are
             # decrypted straight into one buffer (decrypt_into): no plaintext object per record
             # and no join afterwards.
             into = data_records > 1 or data_bytes >= _JOIN_BELOW
             chunks: list[bytes] = []
-            out_buf = bytearray(data_bytes) if into else None
+            out_buf = self._open_buffer(data_bytes) if into else None
             filled = 0
             with memoryview(out_buf if out_buf is not None else b"") as dst:
-                for rtype, start, stop in records:
+                for rtype, src, start, stop in records:
                     nonce = (iv ^ seq).to_bytes(12, "big")
-                    body = mv[start + HEADER_LEN : stop]
-                    hdr = mv[start : start + HEADER_LEN]
+                    body = src[start + HEADER_LEN : stop]
+                    hdr = src[start : start + HEADER_LEN]
                     try:
                         if into and rtype == REC_DATA:
                             size = stop - start - HEADER_LEN - TAG_LEN
@@ -386,7 +432,8 @@ class RecordSession:
                         body.release()
                         hdr.release()
                     seq += 1
-                    pos = stop
+                    if src is mv:
+                        pos = stop
                     if rtype == REC_DATA:
                         if not into and plain:
                             chunks.append(plain)
@@ -404,7 +451,9 @@ class RecordSession:
                         seq = 0
                         iv = self._recv_iv
                     else:  # REC_CLOSE
-                        if stop != end:
+                        # CLOSE must be the last bytes: of the chunk, or (completing a
+                        # pending record) with nothing after it in the chunk.
+                        if (stop != end) if src is mv else end:
                             raise self._fail(
                                 RemoteProtocolError("data after the peer's CLOSE record")
                             )
@@ -413,18 +462,26 @@ class RecordSession:
             if header_error is not None:
                 self._recv_seq = seq
                 raise self._fail(header_error)
-            if not self.peer_closed and view is not buf and pos < end:
+            if not self.peer_closed and view is not buf and head is None and pos < end:
                 buf += mv[pos:]
         # Outside the ``with``: a bytearray cannot be resized while a memoryview exports it.
         if self.peer_closed:
             self._drop_recv()
         else:
             self._recv_seq = seq
-            if view is buf and pos:
+            if head is not None:
+                # The completed record was read (or the session failed above); keep only the
+                # incomplete tail of this chunk.
+                del buf[:]
+                if pos < end:
+                    buf += view[pos:]
+            elif view is buf and pos:
                 del buf[:pos]
         if out_buf is not None:
-            result = out_buf
-        elif chunks:
+            # A view of exactly the plaintext (the buffer may be longer, kept from before); a
+            # holder of the view is what keeps the buffer from being written again.
+            return memoryview(out_buf)[:data_bytes]
+        if chunks:
             result = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return result
 
@@ -457,9 +514,11 @@ class RecordSession:
         assert aead is not None
         return aead
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+    def seal(
+        self, plaintext: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
         aead = self._check_send()
-        out: list[bytes | bytearray] = []
+        out: list[bytes | bytearray | memoryview] = []
         total = len(plaintext)
         if not total:
             if self._update_requested:
@@ -481,11 +540,24 @@ class RecordSession:
             self._send_bytes += total
             return [hdr + ct]
         # General path: every record (and any key update due before one) is written into one
-        # fresh buffer, encrypted in place with encrypt_into: no ciphertext object per record and
-        # no join (measured ~3.5x faster than encrypt() + writelines for 1 MiB in 64 KiB records).
-        # The buffer is handed over and never touched again (transports may keep a reference).
+        # buffer, encrypted in place with encrypt_into: no ciphertext object per record and no
+        # join (measured ~3.5x faster than encrypt() + writelines for 1 MiB in 64 KiB records).
+        # The buffer is one kept from an earlier seal that nobody references any more, else a
+        # fresh one; what was handed over is never written while anyone holds it.
         records = -(-total // max_send)
-        buf = bytearray(total + records * (2 * HEADER_LEN + 2 * TAG_LEN))
+        need = total + records * (2 * HEADER_LEN + 2 * TAG_LEN)
+        spares = self._seal_spares
+        for buf in spares:
+            # Owned through the list and ``buf``; any other holder (the transport with unsent
+            # data, a caller) still has those wire bytes: never write over them.
+            if len(buf) >= need and unheld(buf, 2):
+                break
+        else:
+            buf = bytearray(need)
+            if need <= _KEEP_MAX:
+                if len(spares) >= 2:
+                    del spares[0]
+                spares.append(buf)
         end = 0
         with memoryview(plaintext) as src, memoryview(buf) as dst:
             pos = 0
@@ -515,8 +587,9 @@ class RecordSession:
                 self._send_seq += 1
                 self._send_bytes += size
                 pos += size
-        del buf[end:]  # room reserved for key updates that were not due
-        out.append(buf)
+        # A view of what was written (room reserved for key updates that were not due, or a
+        # kept buffer's extra length, is not sent).
+        out.append(memoryview(buf)[:end])
         return out
 
     def close(self) -> bytes:
