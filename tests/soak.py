@@ -445,10 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--load-calls", type=int, default=10_000)
+    parser.add_argument(
+        "--defaults",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="the scenario at default keepalive settings (tests/soak_defaults.py; ~2 min); "
+        "auto: when --seconds is at least 100",
+    )
     args = parser.parse_args(argv)
     code = asyncio.run(soak(args.seconds, args.clients))
     if args.load_calls > 0:
         code |= asyncio.run(load(args.load_calls))
+    if args.defaults == "yes" or (args.defaults == "auto" and args.seconds >= 100):
+        from tests.soak_defaults import run as run_defaults
+
+        failures, summary = asyncio.run(run_defaults(args.seconds))
+        print(summary, flush=True)
+        for problem in failures:
+            print(f"soak FAILED: {problem}", file=sys.stderr)
+        code |= 1 if failures else 0
     return code
 
 
