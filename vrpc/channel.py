@@ -22,8 +22,10 @@ class Channel(Protocol):
         idempotent: bool = False,
         timeout: float | None = None,
         metadata: dict[str, Any] | None = None,
+        convert: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """One unary call of ``service.method`` with positional ``args``; its decoded result."""
+        """One unary call of ``service.method`` with positional ``args``; its decoded result,
+        passed through ``convert`` if given."""
         ...
 
     def stream(

@@ -92,7 +92,13 @@ class _ClientConnection(EndpointProtocol):
         super().__init__(attester=client.mutual_attester)
         self.client = client
         self.pending: dict[int, _Pending] = {}
-        self.draining = False
+        self._draining = False
+        # Monotonic time until which new calls may start here: set when the session opens (its
+        # age limit), 0 while opening and once draining or closed. One comparison on the fast
+        # path instead of three checks.
+        self.usable_until = 0.0
+        # The server's announced per-connection call limit (until SETTINGS: an assumption).
+        self.max_calls = INITIAL_MAX_CALLS
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.peer_claims: Any = None
         self.channel_binding = b""
@@ -129,11 +135,17 @@ class _ClientConnection(EndpointProtocol):
     # ------------------------------------------------------------------ capacity
 
     @property
-    def max_calls(self) -> int:
-        return self.conn.peer_max_calls or INITIAL_MAX_CALLS
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        if value:
+            self.usable_until = 0.0
 
     def usable(self, now: float) -> bool:
-        return not self.draining and self.endpoint.is_open and not self.endpoint.expired(now)
+        return now < self.usable_until and self.endpoint.is_open
 
     def has_slot(self) -> bool:
         """A new call may start now without overtaking a call that waits."""
@@ -212,6 +224,18 @@ class _ClientConnection(EndpointProtocol):
 
     # ------------------------------------------------------------------ calls
 
+    def start_unary(self, method: str, args: list[Any]) -> tuple[int, asyncio.Future[Any]]:
+        """Start the common call: no deadline, metadata or options (the client's fast path)."""
+        call_id = self.conn.start_call(method, args, now=0.0)  # `now` only dates deadlines
+        future = self.loop.create_future()
+        pending = self.pending
+        pending[call_id] = _Pending(future, None)
+        if len(pending) == 1:
+            self.flush_now()  # the only call in flight: see ``start``
+        elif self._flush_handle is None:
+            self.schedule_flush()
+        return call_id, future
+
     def start(
         self,
         method: str,
@@ -255,7 +279,7 @@ class _ClientConnection(EndpointProtocol):
     def finished(self, call_id: int) -> None:
         if self.pending.pop(call_id, None) is not None and self._waiting:
             self._wake()
-        if self.draining and not self.pending:
+        if self._draining and not self.pending:
             self.client._idle_retired(self)
 
     # ------------------------------------------------------------------ events
@@ -292,6 +316,7 @@ class _ClientConnection(EndpointProtocol):
                     if p is not None and p.gate is not None:
                         p.gate.open()
                 case SettingsReceived():
+                    self.max_calls = ev.max_calls
                     self._wake()  # the limit may have grown
                 case GoAwayReceived():
                     log.info("server draining", peer=self.peer_address, reason=ev.reason)
@@ -301,6 +326,8 @@ class _ClientConnection(EndpointProtocol):
                 case AttestationRequested():
                     self.attest(ev)
                 case SessionEstablished():
+                    if not self._draining:
+                        self.usable_until = monotonic() + self.client.max_session_age
                     self.peer_claims = ev.peer_claims
                     self.channel_binding = ev.channel_binding
                     self.mode = ev.mode
@@ -622,8 +649,10 @@ class Client:
         idempotent: bool = False,
         timeout: float | None = None,
         metadata: dict[str, Any] | None = None,
+        convert: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Call ``service.method`` with positional ``args``; returns the decoded result."""
+        """Call ``service.method`` with positional ``args``; returns the decoded result, passed
+        through ``convert`` if given (typed stubs check the declared result type there)."""
         proto = self._proto
         if (
             proto is not None
@@ -631,16 +660,18 @@ class Client:
             and metadata is None
             and self.timeout is None
             and not self.interceptors
+            and len(proto.pending) + proto._handed < proto.max_calls
+            and not proto._waiting
+            and monotonic() < proto.usable_until
             and _options.get() is None
             and _current.get(None) is None
-            and proto.has_slot()
-            and proto.usable(monotonic())
         ):
             # The common call (no deadline, metadata or interceptor, a free slot on an open
             # connection): one attempt right here, the general path only if it must be retried.
-            call_id, pending = proto.start(method, args, None)
+            call_id, future = proto.start_unary(method, args)
             try:
-                return await pending.future
+                result = await future
+                return result if convert is None else convert(result)
             except asyncio.CancelledError:
                 proto.abandon(call_id)
                 raise
@@ -653,9 +684,10 @@ class Client:
                 else:
                     raise
                 log.info("retrying call", method=method, reason=exc.message)
-                return await self._unary(
+                result = await self._unary(
                     method, args, idempotent, None, None, None, used, resend=resend
                 )
+                return result if convert is None else convert(result)
             finally:
                 proto.finished(call_id)
         options = _options.get()
@@ -669,8 +701,10 @@ class Client:
             )
             for interceptor in reversed(self.interceptors):
                 call_next = _bind_client(interceptor, method, md, call_next)
-            return await call_next()
-        return await self._unary(method, args, idempotent, timeout, metadata, options)
+            result = await call_next()
+        else:
+            result = await self._unary(method, args, idempotent, timeout, metadata, options)
+        return result if convert is None else convert(result)
 
     async def _unary(
         self,

@@ -141,6 +141,7 @@ class Pool:
         idempotent: bool = False,
         timeout: float | None = None,
         metadata: dict[str, Any] | None = None,
+        convert: Callable[[Any], Any] | None = None,
     ) -> Any:
         tried: set[_Endpoint] = set()
 
@@ -150,7 +151,12 @@ class Pool:
             endpoint.outstanding += 1
             try:
                 return await endpoint.pick().call(
-                    method, args, idempotent=False, timeout=timeout, metadata=metadata
+                    method,
+                    args,
+                    idempotent=False,
+                    timeout=timeout,
+                    metadata=metadata,
+                    convert=convert,
                 )
             except RpcError as exc:
                 if exc.status is Status.UNAVAILABLE:

@@ -119,6 +119,8 @@ class Service:
             cls.service_name = name
         elif not cls.service_name:
             cls.service_name = cls.__name__
+        if vars(cls).get("_vrpc_stub"):
+            return  # a generated client stub: its methods return the channel's awaitables
         bases = [b for b in cls.__bases__ if issubclass(b, Service)]
         declares = any(hasattr(v, _RPC_ATTR) for v in vars(cls).values())
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vrpc._validation import converter_for
@@ -58,7 +58,7 @@ def make_stub(channel: Channel, interface: type[T]) -> T:
     cls = _STUB_CLASSES.get(interface)
     if cls is None:
         specs = describe_service(interface)
-        namespace: dict[str, Any] = {"__slots__": ("_vrpc_channel",)}
+        namespace: dict[str, Any] = {"__slots__": ("_vrpc_channel",), "_vrpc_stub": True}
         for spec in specs.values():
             declared = getattr(interface, spec.attr)
             namespace[spec.attr] = _make_method(spec, declared)
@@ -77,10 +77,12 @@ def _make_method(spec: MethodSpec, declared: Any) -> Any:
     method: Any
     if spec.kind is MethodKind.UNARY:
 
-        async def unary(self: Any, *args: Any, **kwargs: Any) -> Any:
+        def unary(self: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+            # A plain function returning the channel's coroutine: no coroutine frame of its own
+            # per call (the channel applies ``convert``).
             wire, _ = pack(args, kwargs)
-            return convert(
-                await self._vrpc_channel.call(name, wire, idempotent=idempotent, timeout=timeout)
+            return self._vrpc_channel.call(  # type: ignore[no-any-return]
+                name, wire, idempotent=idempotent, timeout=timeout, convert=convert
             )
 
         method = unary
