@@ -277,7 +277,12 @@ class _ClientConnection(EndpointProtocol):
         self.finished(call_id)
 
     def finished(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and self._waiting:
+        self.pending.pop(call_id, None)
+        self.after_finished()
+
+    def after_finished(self) -> None:
+        """A call's slot is free: wake a waiter, or close a retired connection now idle."""
+        if self._waiting:
             self._wake()
         if self._draining and not self.pending:
             self.client._idle_retired(self)
@@ -689,7 +694,10 @@ class Client:
                 )
                 return result if convert is None else convert(result)
             finally:
-                proto.finished(call_id)
+                # ``finished`` inlined for the common case: nobody waits, nothing drains.
+                proto.pending.pop(call_id, None)
+                if proto._waiting or proto._draining:
+                    proto.after_finished()
         options = _options.get()
         timeout = self._effective_timeout(timeout, options)
         if metadata is None and options is not None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import hmac
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -687,21 +685,6 @@ def test_insecure_test_attester_replay_refused(monkeypatch: pytest.MonkeyPatch) 
     fresh.initiate()
     with pytest.raises(BindingMismatch):
         fresh.receive_data(old_sh, now)
-
-
-# -- sans-IO boundary ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["handshake", "record", "keyschedule"])
-def test_no_io_imports(name: str) -> None:
-    source = Path(hsmod.__file__).with_name(f"{name}.py").read_text()
-    imported: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"asyncio", "socket", "time", "datetime", "selectors", "threading"}
 
 
 def test_max_record_below_the_floor_is_refused_locally_and_from_the_peer() -> None:
