@@ -25,7 +25,13 @@ from vrpc._retry import backoff_delays, retrying
 from vrpc._shell import EndpointProtocol, monotonic
 from vrpc._verify import handshake_verifier
 from vrpc.context import CallOptions, _current, _options
-from vrpc.exceptions import AttestationError, ConnectError, HandshakeError, RpcError
+from vrpc.exceptions import (
+    AttestationError,
+    ConnectError,
+    HandshakeAlert,
+    HandshakeError,
+    RpcError,
+)
 from vrpc.proto.connection import (
     DEFAULT_MAX_MESSAGE_SIZE,
     UNPROCESSED,
@@ -33,7 +39,7 @@ from vrpc.proto.connection import (
     Role,
     is_unprocessed,
 )
-from vrpc.proto.endpoint import DEFAULT_MESSAGE_TIMEOUT, Endpoint
+from vrpc.proto.endpoint import BUSY_ALERTS, DEFAULT_MESSAGE_TIMEOUT, Endpoint
 from vrpc.proto.events import (
     AttestationRequested,
     CallCancelled,
@@ -332,7 +338,7 @@ class _ClientConnection(EndpointProtocol):
                     self.attest(ev)
                 case SessionEstablished():
                     if not self._draining:
-                        self.usable_until = monotonic() + self.client.max_session_age
+                        self.usable_until = self.endpoint.expires_at
                     self.peer_claims = ev.peer_claims
                     self.channel_binding = ev.channel_binding
                     self.mode = ev.mode
@@ -370,7 +376,7 @@ def _handshake_failure(ev: ConnectionClosed) -> Exception:
     if ev.retryable:
         # The server is busy or the transport failed: a later or other attempt may succeed,
         # and no call was sent on this connection.
-        busy = ev.reason in ("server at connection limit", "server busy with handshakes")
+        busy = isinstance(ev.error, HandshakeAlert) and ev.error.alert in BUSY_ALERTS
         return RpcError(Status.UNAVAILABLE, ev.reason, {**UNPROCESSED, "busy": busy})
     return HandshakeError(ev.reason) if not isinstance(error, HandshakeError) else error
 

@@ -797,10 +797,9 @@ class Server:
             proto.close_gracefully("server is shutting down")
         # Each connection ends when its client answers our CLOSE (or the endpoint's close
         # timeout passes); wait for that so no answer is cut off mid-write.
-        for _ in range(200):
-            if not any(not p.closed for p in closing):
-                break
-            await asyncio.sleep(0.01)
+        waiting = [p.gone for p in closing if not p.gone.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=3.0)  # a backstop behind the close timeout
         for listener in self._listeners:
             await listener.wait_closed()
         self._closed.set()

@@ -76,6 +76,7 @@ from vrpc.proto.record import Session
 from vrpc.status import Status
 
 __all__ = [
+    "BUSY_ALERTS",
     "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_KEY_UPDATE_INTERVAL",
     "DEFAULT_MESSAGE_TIMEOUT",
@@ -101,7 +102,7 @@ class Phase(enum.Enum):
 
 
 # Refusals that say nothing about the peer's trustworthiness: try later or elsewhere.
-_BUSY = {
+BUSY_ALERTS = _BUSY = {
     Alert.CONNECTION_LIMIT: "server at connection limit",
     Alert.HANDSHAKE_LIMIT: "server busy with handshakes",
 }
@@ -177,13 +178,17 @@ class Endpoint:
             return 0
         return session.buffered + self.calls.partial_input
 
+    @property
+    def expires_at(self) -> float:
+        """When the session reaches ``max_session_age`` (``inf`` without a limit or before it
+        opens): new calls belong on a fresh session from then on."""
+        if self._max_session_age is None or self.established_at is None:
+            return float("inf")
+        return self.established_at + self._max_session_age
+
     def expired(self, now: float) -> bool:
         """The session is older than ``max_session_age``: start new calls elsewhere."""
-        return (
-            self._max_session_age is not None
-            and self.established_at is not None
-            and now - self.established_at >= self._max_session_age
-        )
+        return now >= self.expires_at
 
     # ------------------------------------------------------------------ input
 
