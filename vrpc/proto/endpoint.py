@@ -46,6 +46,7 @@ paths. Calls themselves are made through ``calls`` (the ``Connection`` multiplex
 from __future__ import annotations
 
 import enum
+from typing import assert_never
 
 from vrpc.exceptions import (
     AttestationError,
@@ -257,11 +258,14 @@ class Endpoint:
         self._drain_handshake()
         out: list[EndpointEvent] = []
         for ev in events:
-            if isinstance(ev, NeedAttestation):
-                self.phase = Phase.ATTESTING
-                out.append(AttestationRequested(ev.user_data, ev.nonce, ev.public_key))
-            else:
-                out.extend(self._established(ev, now))
+            match ev:
+                case NeedAttestation():
+                    self.phase = Phase.ATTESTING
+                    out.append(AttestationRequested(ev.user_data, ev.nonce, ev.public_key))
+                case HandshakeComplete():
+                    out.extend(self._established(ev, now))
+                case _:
+                    assert_never(ev)
         return out
 
     def supply_attestation(self, document: bytes, now: float) -> list[EndpointEvent]:
