@@ -6,6 +6,12 @@
     python -m benchmarks --quick          # a tiny version in seconds (checks the harness only)
     python -m benchmarks --out DIR        # write latest.json, latest.png, performance.md to DIR
     python -m benchmarks profile          # pyinstrument profiles of the vrpc processes
+    python -m benchmarks --systems vrpc raw-echo --baseline DIR   # A/B against another revision
+
+``--baseline DIR`` adds the system ``vrpc-baseline``: the same harness with ``vrpc`` and
+``services`` imported from DIR (a checkout of another revision, e.g. ``git worktree add DIR REV``),
+so the two revisions' repetitions interleave in one run and the report has a table of
+vrpc / baseline ratios taken repetition by repetition.
 
 Every (system, event loop) pair gets its own server and client process, all started up front and
 talking over Unix sockets in a temporary directory; each case's repetitions are interleaved
@@ -30,7 +36,7 @@ from typing import Any
 
 from benchmarks import flow, harness, report
 from benchmarks.harness import Pair
-from benchmarks.worker import SYSTEMS
+from benchmarks.worker import BASELINE, SYSTEMS
 
 ROOT = harness.ROOT
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -130,7 +136,7 @@ def _say(text: str) -> None:
 
 
 def is_full(args: argparse.Namespace) -> bool:
-    return not (args.quick or args.systems or args.loops or args.reps)
+    return not (args.quick or args.systems or args.loops or args.reps or args.baseline)
 
 
 def destinations(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -161,6 +167,8 @@ def run_suite(args: argparse.Namespace) -> int:
         settings["reps"] = args.reps
     out, docs = destinations(args)
     systems = list(args.systems or SYSTEMS)
+    if args.baseline:
+        systems.append(BASELINE)
     loops = list(args.loops or settings["loops"])
     base = {k: settings[k] for k in ("reps", "duration", "warmup")}
     _say(f"-- writing to {out} and {docs}")
@@ -178,7 +186,12 @@ def run_suite(args: argparse.Namespace) -> int:
                 pairs.append(Pair(system, loop, address, address))
         _say(f"-- {len(pairs)} servers and clients: " + ", ".join(p.tag for p in pairs))
         try:
-            harness.start_pairs(pairs, workdir)
+            harness.start_pairs(
+                pairs,
+                workdir,
+                server_options=lambda p: baseline_options(p, args.baseline),
+                client_options=lambda p: baseline_options(p, args.baseline),
+            )
             harness.run_interleaved(pairs, all_cases, applies, **base, say=_say)
         finally:
             harness.stop_pairs(pairs)
@@ -207,6 +220,8 @@ def run_suite(args: argparse.Namespace) -> int:
         rows, settings={**base, "quick": args.quick}, command=command, notes=notes, root=ROOT
     )
     result["memory"] = memory
+    if args.baseline:
+        result["baseline"] = str(Path(args.baseline).resolve())
     result["flow_control"] = flow.measure(args.quick)
     _say(report.flow_line(result["flow_control"]))
     result["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -221,11 +236,20 @@ def run_suite(args: argparse.Namespace) -> int:
         _say(f"the machine was too noisy to judge {len(noisy)} target(s): " + "; ".join(noisy))
     for mem in memory:
         _say(report.memory_line(mem))
+    for line in report.baseline_table(rows):
+        _say(line)
     _say(f"wrote {out / 'latest.json'}, {out / 'latest.png'}, {docs} in {result['elapsed_s']} s")
     return 0
 
 
 MEMORY_SYSTEMS = ("vrpc", "raw-echo")
+
+
+def baseline_options(pair: Pair, baseline: str | None) -> list[str]:
+    if pair.system != BASELINE:
+        return []
+    assert baseline is not None
+    return ["--vrpc-from", str(Path(baseline).resolve())]
 
 
 def measure_memory(
@@ -293,11 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, help="only these systems")
     parser.add_argument("--loops", nargs="+", choices=LOOPS, help="only these event loops")
     parser.add_argument("--reps", type=int, help="repetitions per case (default: 5, quick: 2)")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run vrpc and services from DIR (another revision) as vrpc-baseline",
+    )
     parser.add_argument("--seconds", type=float, default=4.0, help="profile: seconds per load")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
+    if args.baseline and not (Path(args.baseline) / "vrpc" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no vrpc/__init__.py there")
     if args.command == "profile":
         return run_profile(args)
     try:

@@ -26,7 +26,15 @@ PACKAGES = (
     "matplotlib",
     "pyinstrument",
 )
-SYSTEM_ORDER = ("vrpc", "vrpc-plaintext", "raw-echo", "byte-echo", "grpc-aio", "blocking-echo")
+SYSTEM_ORDER = (
+    "vrpc",
+    "vrpc-plaintext",
+    "vrpc-baseline",
+    "raw-echo",
+    "byte-echo",
+    "grpc-aio",
+    "blocking-echo",
+)
 # The per-repetition measures a row summarises (mb_per_s is derived from calls_per_s).
 MEASURES = (
     "calls_per_s",
@@ -346,6 +354,7 @@ def build(
 COLOURS = {
     "vrpc": "#1f77b4",  # blue
     "vrpc-plaintext": "#9467bd",  # purple
+    "vrpc-baseline": "#17becf",  # cyan
     "raw-echo": "#ff7f0e",  # orange
     "byte-echo": "#d62728",  # red
     "grpc-aio": "#2ca02c",  # green
@@ -573,12 +582,60 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_mem(mem['traced_call_peak_bytes'])} ({_size(mem['call_bytes'])} call) "
                 f"| {_mem(mem['rss_call_peak_bytes'])} |"
             )
+    ab = markdown_baseline(result)
+    if ab:
+        lines += ["", ab]
     flow = result.get("flow_control")
     if flow:
         lines += ["", "### Flow control", "", flow_line(flow)]
     for note in result["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines)
+
+
+BASELINE = "vrpc-baseline"
+
+
+def baseline_table(rows: list[dict[str, Any]]) -> list[str]:
+    """vrpc against ``vrpc-baseline`` (another revision run beside it), case by case: calls/s
+    and p50 taken repetition by repetition, as median (interquartile range) and extremes."""
+    base = {_key(r): r for r in rows if r["system"] == BASELINE}
+    if not base:
+        return []
+    lines = [
+        "| loop | case | vrpc / baseline calls/s | IQR | range | vrpc / baseline p50 | IQR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        other = base.get(_key(row))
+        if row["system"] != "vrpc" or other is None:
+            continue
+        rate, p50 = stats(paired(row, other)), stats(paired(row, other, "p50_us"))
+        what = row_label(row).split(" ", 1)[1]
+        lines.append(
+            f"| {row['loop']} | {what} | {_fmt_stats(rate)} | {_fmt_iqr(rate)} "
+            f"| {_fmt_range(rate)} | {_fmt_stats(p50)} | {_fmt_iqr(p50)} |"
+        )
+    return lines
+
+
+def markdown_baseline(result: dict[str, Any]) -> str:
+    table = baseline_table(result["rows"])
+    if not table:
+        return ""
+    return "\n".join([f"### Against the baseline ({result.get('baseline', '?')})", "", *table])
+
+
+def _fmt_stats(s: dict[str, float] | None) -> str:
+    return "-" if s is None else f"{s['median']:.3f}"
+
+
+def _fmt_iqr(s: dict[str, float] | None) -> str:
+    return "-" if s is None else f"{s['q1']:.3f}-{s['q3']:.3f}"
+
+
+def _fmt_range(s: dict[str, float] | None) -> str:
+    return "-" if s is None else f"{s['min']:.3f}-{s['max']:.3f}"
 
 
 def flow_line(flow: dict[str, Any]) -> str:

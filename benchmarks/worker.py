@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 SYSTEMS = ("vrpc", "vrpc-plaintext", "raw-echo", "byte-echo", "grpc-aio", "blocking-echo")
+# vrpc (and services) of another revision, with this revision's harness: an A/B in one run.
+BASELINE = "vrpc-baseline"
 VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "vectors"
 VERIFY_VECTOR = "blocky_nitro_attestation.cbor"
 
@@ -62,7 +64,7 @@ def _quiet() -> None:
 
 
 def system_module(system: str) -> Any:
-    if system in ("vrpc", "vrpc-plaintext"):
+    if system in ("vrpc", "vrpc-plaintext", BASELINE):
         _quiet()
         from benchmarks import vrpc_echo
 
@@ -454,6 +456,9 @@ def main(argv: list[str]) -> int:
         )
     role, system, loop, address = argv[:4]
     options = argv[4:]
+    if "--vrpc-from" in options:
+        # Before anything imports vrpc: the other revision's vrpc/ and services/ shadow these.
+        sys.path.insert(0, options[options.index("--vrpc-from") + 1])
     profile_out = options[options.index("--profile") + 1] if "--profile" in options else None
     if "--tracemalloc" in options:
         import tracemalloc

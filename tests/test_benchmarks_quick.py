@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import __main__ as suite  # noqa: E402
 from benchmarks import report  # noqa: E402
-from benchmarks.worker import SYSTEMS, server_command  # noqa: E402
+from benchmarks.worker import BASELINE, SYSTEMS, server_command  # noqa: E402
 
 REPS = suite.QUICK["reps"]
 ROW_FIELDS = {
@@ -213,7 +213,14 @@ def test_verify_row_needs_the_vectors(result: dict[str, Any]) -> None:
 
 def _args(*argv: str) -> argparse.Namespace:
     ns = argparse.Namespace(
-        quick=False, out=None, docs=None, systems=None, loops=None, reps=None, argv=list(argv)
+        quick=False,
+        out=None,
+        docs=None,
+        systems=None,
+        loops=None,
+        reps=None,
+        baseline=None,
+        argv=list(argv),
     )
     for flag in argv:
         if flag == "--quick":
@@ -237,6 +244,10 @@ def test_only_the_full_suite_writes_the_committed_results(
     monkeypatch.setenv("VRPC_BENCH_OUT", str(tmp_path))
     assert suite.destinations(partial) == (tmp_path, tmp_path / "performance.md")
     assert suite.destinations(_args("--quick"))[0] == tmp_path
+    # An A/B against another revision is a partial run too.
+    against = _args()
+    against.baseline = str(tmp_path)
+    assert suite.destinations(against) == (tmp_path, tmp_path / "performance.md")
 
 
 def test_a_quick_run_refuses_the_committed_paths(capsys: pytest.CaptureFixture[str]) -> None:
@@ -371,8 +382,9 @@ def test_server_cpu_is_the_server_process_own_clock() -> None:
 
 
 def test_plot_colours_systems_apart_and_labels_quick_runs() -> None:
-    assert set(report.COLOURS) == set(SYSTEMS)
-    assert len(set(report.COLOURS.values())) == len(SYSTEMS)
+    every = {*SYSTEMS, BASELINE}
+    assert set(report.COLOURS) == every
+    assert len(set(report.COLOURS.values())) == len(every)
     result: dict[str, Any] = {
         "git_revision": "abc",
         "machine": {"cpu": "x"},
@@ -383,3 +395,54 @@ def test_plot_colours_systems_apart_and_labels_quick_runs() -> None:
     assert "QUICK" not in report.plot_title(result)
     sizes = [64, 1024, 64 * 1024, 1 << 20]
     assert [report._size(n) for n in sizes] == ["64 B", "1 KiB", "64 KiB", "1 MiB"]
+
+
+def test_baseline_table_compares_repetition_by_repetition() -> None:
+    rows = [
+        _row("vrpc", "uvloop", [100.0, 300.0, 200.0], [10.0, 30.0, 20.0]),
+        _row("vrpc-baseline", "uvloop", [200.0, 300.0, 100.0], [20.0, 30.0, 10.0]),
+        _row("raw-echo", "uvloop", [400.0, 400.0, 400.0]),
+    ]
+    table = report.baseline_table(rows)
+    assert len(table) == 3  # header, rule, one row: vrpc against its baseline only
+    # Per repetition: 0.5, 1.0, 2.0 -> median 1.0, range 0.5-2.0; p50 likewise.
+    assert (
+        table[2]
+        == "| uvloop | unary 64 B x1 | 1.000 | 0.750-1.500 | 0.500-2.000 | 1.000 | 0.750-1.500 |"
+    )
+    assert report.baseline_table(rows[:1] + rows[2:]) == []
+    result = {"rows": rows, "baseline": "/src/old"}
+    assert "Against the baseline (/src/old)" in report.markdown_baseline(result)
+
+
+def test_baseline_must_hold_a_vrpc_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        suite.main(["--baseline", str(tmp_path)])
+    assert "no vrpc/__init__.py" in capsys.readouterr().err
+
+
+def test_the_baseline_worker_imports_vrpc_from_the_other_tree(tmp_path: Path) -> None:
+    """--vrpc-from puts the other revision first on the path before anything imports vrpc."""
+    (tmp_path / "vrpc").mkdir()
+    (tmp_path / "vrpc" / "__init__.py").write_text("raise SystemExit('vrpc from the baseline')\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.worker",
+            "server",
+            "vrpc-baseline",
+            "asyncio",
+            f"unix://{tmp_path}/s.sock",
+            "--vrpc-from",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "vrpc from the baseline" in proc.stderr
