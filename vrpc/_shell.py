@@ -72,10 +72,12 @@ class EndpointProtocol(asyncio.Protocol):
         self.arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        events = self.endpoint.receive_data(data, monotonic())
+        endpoint = self.endpoint
+        events = endpoint.receive_data(data, monotonic())
         if events:
             self.dispatch(events)
-        self.schedule_flush()
+        if endpoint.wants_write:
+            self.schedule_flush()
         self.arm_timer()
 
     def eof_received(self) -> bool:

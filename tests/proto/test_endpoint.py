@@ -467,7 +467,11 @@ def test_message_timeout_none_disables_it_and_zero_is_refused() -> None:
     pair = established(server=server_endpoint(message_timeout=None))
     wire, _ = _frame_start(pair, 100_000, 10)
     pair.server.receive_data(wire, 1.0)
-    assert pair.server.partial_since is None
+    # Still accounted (memory, shedding order), but no deadline: an hour later it is open.
+    assert pair.server.partial_since == 1.0 and pair.server.buffered_input > 0
+    events = pair.server.handle_timer(3601.0)
+    assert not any(isinstance(e, ConnectionClosed) for e in events)
+    assert pair.server.is_open
     with pytest.raises(ValueError, match="message_timeout"):
         server_endpoint(message_timeout=0)
 
@@ -499,3 +503,19 @@ def test_a_server_hello_announcing_tiny_records_is_refused_by_the_client() -> No
     assert isinstance(closed, ConnectionClosed) and closed.in_handshake
     assert "below the minimum of 512" in closed.reason
     assert b"".join(bytes(c) for c in client.data_to_send()) == alert_frame(Alert.BAD_MESSAGE)
+
+
+def test_wants_write_says_whether_data_to_send_has_anything() -> None:
+    pair = established()
+    assert not pair.server.wants_write and pair.server.data_to_send() == []
+    # A PING makes the server owe a PONG; a request makes it owe nothing until it answers.
+    pair.client.calls._emit((PING, b"p"))
+    pair.client.calls.start_call("s.m", [], now=1)
+    for chunk in pair.client.data_to_send():
+        pair.server.receive_data(bytes(chunk), 1)
+    assert pair.server.wants_write
+    assert pair.server.data_to_send() != []
+    assert not pair.server.wants_write
+    pair.server.close(2.0)  # a CLOSE record waits for the transport
+    assert pair.server.wants_write and pair.server.data_to_send() != []
+    assert not pair.server.wants_write

@@ -652,19 +652,24 @@ class Connection:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` must next be called, or None."""
-        candidates: list[float] = []
-        if self._deadlines:
-            candidates.append(self._deadlines[0][0])
+        # Written out (no list, no min()): the shells ask after every read.
+        when = self._deadlines[0][0] if self._deadlines else None
         if self._last_activity is not None:
             if self._ping_sent_at is not None:
-                candidates.append(self._ping_sent_at + self._keepalive_timeout)
+                extra: float | None = self._ping_sent_at + self._keepalive_timeout
             elif self._keepalive_interval is not None:
-                candidates.append(self._last_activity + self._keepalive_interval)
+                extra = self._last_activity + self._keepalive_interval
+            else:
+                extra = None
+            if extra is not None and (when is None or extra < when):
+                when = extra
             if self._idle_timeout is not None and self._idle_since is not None and not self._calls:
                 # Checked lazily (no clock on the hot path): a connection is closed between one
                 # and two idle timeouts after its last call ended.
-                candidates.append(self._idle_since + self._idle_timeout)
-        return min(candidates) if candidates else None
+                extra = self._idle_since + self._idle_timeout
+                if when is None or extra < when:
+                    when = extra
+        return when
 
     def start_clock(self, now: float) -> None:
         """Start keepalive and idle timing (the shell calls it when the connection opens)."""

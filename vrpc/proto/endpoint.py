@@ -154,6 +154,7 @@ class Endpoint:
         # nothing partial is held), and how many messages had completed at that time.
         self.partial_since: float | None = None
         self._frames_seen = 0
+        self._buffered = 0  # bytes of partial records and messages after the last read
         # The handshake checks documents at wall-clock time (certificate validity, freshness);
         # every other timer runs on the monotonic ``now``. Both are passed in, never read here.
         self._wall_offset = wall_clock - now
@@ -174,10 +175,9 @@ class Endpoint:
         """Received bytes this connection holds for messages not complete yet: a partial record
         and a partial frame (what a peer can make the server keep without finishing anything).
         The handshake's own buffer is capped by its per-message limits (at most 20 KiB)."""
-        session = self.session
-        if session is None or self.phase is Phase.CLOSED:
+        if self.session is None or self.phase is Phase.CLOSED:
             return 0
-        return session.buffered + self.calls.partial_input
+        return self._buffered
 
     @property
     def expires_at(self) -> float:
@@ -208,7 +208,31 @@ class Endpoint:
     def receive_data(self, data: bytes, now: float) -> list[EndpointEvent]:
         phase = self.phase
         if phase is Phase.OPEN or phase is Phase.CLOSING:
-            return self._receive_records(data, now)
+            # The records path, written out here: it runs for every read of every connection.
+            session = self.session
+            assert session is not None
+            calls = self.calls
+            try:
+                plain = session.receive(data)
+                events: list[Event] = calls.receive_data(plain, now) if plain else []
+            except RemoteProtocolError as exc:
+                return self._close(exc.status, "protocol violation", error=exc)
+            except RecursionError:
+                nested = RemoteProtocolError("message nested too deeply")
+                return self._close(Status.UNAVAILABLE, "protocol violation", error=nested)
+            except RpcError as exc:
+                # An answer the peer provoked could not be sent (a PING larger than our send
+                # limit).
+                return self._close(exc.status, exc.message, error=exc)
+            if session.peer_closed:
+                return [*events, *self._peer_closed()]  # type: ignore[list-item]
+            held = session.buffered + calls.partial_input
+            self._buffered = held
+            if held:
+                self._note_partial(now)
+            elif self.partial_since is not None:
+                self.partial_since = None
+            return events  # type: ignore[return-value]
         if phase is Phase.HANDSHAKE or phase is Phase.ATTESTING:
             return self._receive_handshake(data, now)
         return []  # CLOSED: whatever still arrives is not read
@@ -349,40 +373,16 @@ class Endpoint:
         if self._close_requested is not None and self.role is Role.SERVER:
             self.calls.goaway(self._close_requested)  # requests already sent are refused
         if done.trailing:
-            out.extend(self._receive_records(done.trailing, now))
+            out.extend(self.receive_data(done.trailing, now))
         if self._close_requested is not None:
             out.extend(self.close(now, self._close_requested))
         return out
 
     # ------------------------------------------------------------------ records and calls
 
-    def _receive_records(self, data: bytes, now: float) -> list[EndpointEvent]:
-        session = self.session
-        assert session is not None
-        events: list[Event]
-        try:
-            plain = session.receive(data)
-            events = self.calls.receive_data(plain, now) if plain else []
-        except RemoteProtocolError as exc:
-            return self._close(exc.status, "protocol violation", error=exc)
-        except RecursionError:
-            nested = RemoteProtocolError("message nested too deeply")
-            return self._close(Status.UNAVAILABLE, "protocol violation", error=nested)
-        except RpcError as exc:
-            # An answer the peer provoked could not be sent (a PING larger than our send limit).
-            return self._close(exc.status, exc.message, error=exc)
-        if session.peer_closed:
-            return [*events, *self._peer_closed()]  # type: ignore[list-item]
-        if self._message_timeout is not None:
-            self._note_partial(session, now)
-        return events  # type: ignore[return-value]
-
-    def _note_partial(self, session: Session, now: float) -> None:
-        """Start the message deadline when a partial message appears; restart it whenever a
-        message completes (the next one is then the partial one)."""
-        if not (session.buffered or self.calls.partial_input):
-            self.partial_since = None
-            return
+    def _note_partial(self, now: float) -> None:
+        """A partial message is held: start its deadline when it appears, and restart it
+        whenever a message completes (the next one is then the partial one)."""
         frames = self.calls.frames_received
         if self.partial_since is None or frames != self._frames_seen:
             self.partial_since = now
@@ -464,6 +464,11 @@ class Endpoint:
         except LocalProtocolError:
             pass  # the session already failed: nothing more can be sent
 
+    @property
+    def wants_write(self) -> bool:
+        """``data_to_send`` has something (a shell need not schedule a write otherwise)."""
+        return bool(self._wire) or (self.phase is Phase.OPEN and self.calls.pending_bytes > 0)
+
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Wire bytes to write, in order (possibly empty). Buffers are fresh and never touched
         again by the endpoint (transports may keep a reference to unsent data)."""
@@ -499,11 +504,16 @@ class Endpoint:
         if phase is Phase.CLOSING:
             return self._close_deadline
         when = self.calls.get_timer()
-        message_deadline = None
+        # Written out (no list, no loop): the shells ask after every read.
+        extra = self._next_key_update
+        if extra is not None and (when is None or extra < when):
+            when = extra
+        extra = self._age_goaway_at
+        if extra is not None and (when is None or extra < when):
+            when = extra
         if self.partial_since is not None and self._message_timeout is not None:
-            message_deadline = self.partial_since + self._message_timeout
-        for extra in (self._next_key_update, self._age_goaway_at, message_deadline):
-            if extra is not None and (when is None or extra < when):
+            extra = self.partial_since + self._message_timeout
+            if when is None or extra < when:
                 when = extra
         return when
 
