@@ -232,7 +232,7 @@ class _ClientConnection(EndpointProtocol):
 
     def start_unary(self, method: str, args: list[Any]) -> tuple[int, asyncio.Future[Any]]:
         """Start the common call: no deadline, metadata or options (the client's fast path)."""
-        call_id = self.conn.start_call(method, args, now=0.0)  # `now` only dates deadlines
+        call_id = self.conn.start_unary(method, args)
         future = self.loop.create_future()
         pending = self.pending
         pending[call_id] = _Pending(future, None)

@@ -427,6 +427,7 @@ class _ServerConnection(EndpointProtocol):
         _current.set(ctx)
         started = monotonic()
         status = Status.OK
+        pending = 0  # bytes waiting to be written after this answer (large answers go at once)
         try:
             if server.interceptors:
                 if method.streams_response:
@@ -459,7 +460,7 @@ class _ServerConnection(EndpointProtocol):
         else:
             if method.streams_response:
                 result = None
-            self.conn.send_response(call_id, result, ctx.trailers or None)
+            pending = self.conn.send_response(call_id, result, ctx.trailers or None)
         finally:
             server._in_flight -= 1
             if not server._in_flight and server._draining:
@@ -474,7 +475,7 @@ class _ServerConnection(EndpointProtocol):
                 if (
                     not self.tasks
                     or self.unflushed >= _EARLY_FLUSH_ANSWERS
-                    or self.conn.pending_bytes >= _EARLY_FLUSH_BYTES
+                    or pending >= _EARLY_FLUSH_BYTES
                 ):
                     # The last call in flight on this connection: nothing else will join this
                     # write, so send now instead of a loop turn later (latency at 1 in flight).

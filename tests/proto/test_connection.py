@@ -510,3 +510,27 @@ def test_credit_returns_a_quarter_of_the_window_at_a_time() -> None:
     sent = server.data_to_send()
     assert sent is not None
     assert msgspec.msgpack.decode(bytes(sent[4:])) == [6, cid, quarter]  # CREDIT
+
+
+_ARG = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.binary(), st.text())
+
+
+@given(method=st.text(max_size=40), args=st.lists(_ARG, max_size=5), calls=st.integers(1, 4))
+@settings(max_examples=60, deadline=None)
+def test_start_unary_sends_what_start_call_sends(method: str, args: list[Any], calls: int) -> None:
+    fast, general = Connection(Role.CLIENT), Connection(Role.CLIENT)
+    for _ in range(calls):
+        assert fast.start_unary(method, args) == general.start_call(method, args, now=0.0)
+    assert fast.data_to_send() == general.data_to_send()
+    assert fast.is_active(calls) and general.is_active(calls)
+
+
+def test_start_unary_refuses_as_start_call_does() -> None:
+    client, server = pair()
+    server.goaway("draining")
+    pipe(server, client)
+    with pytest.raises(RpcError, match="draining"):
+        client.start_unary("s.m", [])
+    with pytest.raises(LocalProtocolError, match="only a client"):
+        Connection(Role.SERVER).start_unary("s.m", [])
+    assert client.data_to_send() is None  # nothing was sent for a refused call

@@ -65,7 +65,7 @@ from vrpc.proto.events import (
     SettingsReceived,
     StreamEnded,
 )
-from vrpc.proto.framing import FrameDecoder
+from vrpc.proto.framing import HEADER, FrameDecoder
 from vrpc.status import Status
 
 __all__ = [
@@ -169,6 +169,9 @@ _CALL_TRANSITIONS: dict[tuple[CallState, CallInput], CallState] = {
     (CallState.OPEN, CallInput.REQUEST_ITEM): CallState.OPEN,
     (CallState.OPEN, CallInput.END): CallState.REQUEST_ENDED,
 }
+
+
+_pack_header = HEADER.pack_into
 
 
 class _Call:
@@ -321,7 +324,7 @@ class Connection:
                 Status.RESOURCE_EXHAUSTED,
                 f"message of {size} bytes exceeds the maximum of {self.max_send_message_size}",
             )
-        out[start : start + 4] = size.to_bytes(4, "big")
+        _pack_header(out, start, size)
         return size
 
     # ------------------------------------------------------------------ client API
@@ -358,6 +361,17 @@ class Connection:
             heapq.heappush(self._deadlines, (now + timeout, call_id))
         return call_id
 
+    def start_unary(self, method: str, args: list[Any] | tuple[Any, ...]) -> int:
+        """Client: ``start_call`` for the common call (no deadline, metadata or streams),
+        with only the checks that call needs: it is the client's hot path."""
+        if self.goaway_received is not None or self.closed or not self._client:
+            return self.start_call(method, args, now=0.0)  # raises the precise error
+        call_id = self._last_call_id + 1
+        self._emit((REQUEST, call_id, method, args, 0, None, None))
+        self._last_call_id = call_id
+        self._calls[call_id] = _UNARY
+        return call_id
+
     def end_request(self, call_id: int) -> None:
         """Client: no more request items on this call."""
         call = self._calls.get(call_id)
@@ -380,10 +394,11 @@ class Connection:
 
     def send_response(
         self, call_id: int, result: Any, trailers: dict[str, Any] | None = None
-    ) -> None:
-        """Server: finish a call with OK. A result too large becomes RESOURCE_EXHAUSTED."""
+    ) -> int:
+        """Server: finish a call with OK. A result too large becomes RESOURCE_EXHAUSTED.
+        Returns ``pending_bytes`` (whether to write now is the caller's next question)."""
         if self._calls.pop(call_id, None) is None:
-            return
+            return len(self._out)
         try:
             self._emit((RESPONSE, call_id, result, trailers))
         except RpcError as exc:
@@ -393,6 +408,7 @@ class Connection:
             self._emit(
                 (ERROR, call_id, int(Status.INTERNAL), "result could not be encoded", None, None)
             )
+        return len(self._out)
 
     def send_error(
         self,

@@ -7,6 +7,7 @@ already received, so a hostile prefix of 4 GiB costs nothing.
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ from vrpc.exceptions import FrameTooLarge
 __all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame", "unheld"]
 
 HEADER_SIZE = 4
+# The length prefix, read and written in place (no slice or bytes object per frame).
+HEADER = struct.Struct(">I")
 _MAX_PREFIX = 0xFFFFFFFF
 # A partial frame at least this large is assembled in a buffer of its own size (see FrameDecoder).
 _ASSEMBLE_FROM = 65536
@@ -133,9 +136,10 @@ class FrameDecoder:
         end = len(view)
         pos = 0
         limit = self.max_frame_size
+        unpack_header = HEADER.unpack_from
         try:
             while end - pos >= HEADER_SIZE:
-                size = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+                size = unpack_header(view, pos)[0]
                 if size > limit:
                     raise FrameTooLarge(
                         f"frame of {size} bytes exceeds the maximum of {limit} bytes"
