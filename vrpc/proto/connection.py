@@ -169,6 +169,9 @@ _CALL_TRANSITIONS: dict[tuple[CallState, CallInput], CallState] = {
     (CallState.OPEN, CallInput.REQUEST_ITEM): CallState.OPEN,
     (CallState.OPEN, CallInput.END): CallState.REQUEST_ENDED,
 }
+# Module constants for the per-item path (an enum member lookup costs ~100 ns on Python 3.11).
+_STATE_OPEN, _REQUEST_ENDED = CallState.OPEN, CallState.REQUEST_ENDED
+_REQUEST_ITEM, _END_OF_REQUEST = CallInput.REQUEST_ITEM, CallInput.END
 
 
 _pack_header = HEADER.pack_into
@@ -191,7 +194,7 @@ class _Call:
         self.recv_credit = INITIAL_WINDOW
         self.pending_grant = 0
         # A call without a request stream starts where a streaming one ends up after END.
-        self.state = CallState.OPEN if stream_request else CallState.REQUEST_ENDED
+        self.state = _STATE_OPEN if stream_request else _REQUEST_ENDED
 
     def step(self, event: CallInput) -> bool:
         """Apply ``event`` by the table; False (state unchanged) if it is not allowed."""
@@ -377,7 +380,7 @@ class Connection:
         call = self._calls.get(call_id)
         if call is None:
             return
-        if not call.step(CallInput.END):
+        if not call.step(_END_OF_REQUEST):
             raise LocalProtocolError("end_request on a call without an open request stream")
         self._emit((END, call_id))
 
@@ -453,7 +456,7 @@ class Connection:
         if call is None:
             return False
         if self._client:
-            ok = call.step(CallInput.REQUEST_ITEM)
+            ok = call.step(_REQUEST_ITEM)
         else:
             ok = call.stream_response
         if not ok:
@@ -526,7 +529,7 @@ class Connection:
             call_id = _int(msg[1], "call id")
             call = self._calls.get(call_id)
             if call is not None:
-                if not call.step(CallInput.END):
+                if not call.step(_END_OF_REQUEST):
                     raise _bad("END on a call without an open request stream")
                 events.append(StreamEnded(call_id))
         elif kind == CREDIT:
@@ -656,7 +659,7 @@ class Connection:
         if self._client:
             ok = call.stream_response
         else:
-            ok = call.step(CallInput.REQUEST_ITEM)
+            ok = call.step(_REQUEST_ITEM)
         if not ok:
             raise _bad("stream item on a call without an open stream in that direction")
         if call.recv_credit <= 0:

@@ -102,6 +102,17 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# The phases as module constants: on Python 3.11 ``Phase.OPEN`` goes through the enum metaclass's
+# ``__getattr__`` hook (~100 ns), and the phase is tested on every read, write and timer query.
+_HANDSHAKE, _ATTESTING, _OPEN, _CLOSING, _CLOSED = (
+    Phase.HANDSHAKE,
+    Phase.ATTESTING,
+    Phase.OPEN,
+    Phase.CLOSING,
+    Phase.CLOSED,
+)
+
+
 # Refusals that say nothing about the peer's trustworthiness: try later or elsewhere.
 BUSY_ALERTS = _BUSY = {
     Alert.CONNECTION_LIMIT: "server at connection limit",
@@ -133,7 +144,7 @@ class Endpoint:
         self.role = calls.role
         self.calls = calls
         self.session: Session | None = None
-        self.phase = Phase.HANDSHAKE
+        self.phase = _HANDSHAKE
         self.mode = ""
         self.peer_claims: object | None = None
         self.channel_binding = b""
@@ -164,18 +175,18 @@ class Endpoint:
     @property
     def is_open(self) -> bool:
         """Calls may be started (the session is established and not closing)."""
-        return self.phase is Phase.OPEN
+        return self.phase is _OPEN
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.phase is _CLOSED
 
     @property
     def buffered_input(self) -> int:
         """Received bytes this connection holds for messages not complete yet: a partial record
         and a partial frame (what a peer can make the server keep without finishing anything).
         The handshake's own buffer is capped by its per-message limits (at most 20 KiB)."""
-        if self.session is None or self.phase is Phase.CLOSED:
+        if self.session is None or self.phase is _CLOSED:
             return 0
         return self._buffered
 
@@ -207,7 +218,7 @@ class Endpoint:
 
     def receive_data(self, data: bytes, now: float) -> list[EndpointEvent]:
         phase = self.phase
-        if phase is Phase.OPEN or phase is Phase.CLOSING:
+        if phase is _OPEN or phase is _CLOSING:
             # The records path, written out here: it runs for every read of every connection.
             session = self.session
             assert session is not None
@@ -233,15 +244,15 @@ class Endpoint:
             elif self.partial_since is not None:
                 self.partial_since = None
             return events  # type: ignore[return-value]
-        if phase is Phase.HANDSHAKE or phase is Phase.ATTESTING:
+        if phase is _HANDSHAKE or phase is _ATTESTING:
             return self._receive_handshake(data, now)
         return []  # CLOSED: whatever still arrives is not read
 
     def eof_received(self, now: float) -> list[EndpointEvent]:
         phase = self.phase
-        if phase is Phase.CLOSED:
+        if phase is _CLOSED:
             return []
-        if phase is Phase.HANDSHAKE or phase is Phase.ATTESTING:
+        if phase is _HANDSHAKE or phase is _ATTESTING:
             return self._close(
                 Status.UNAVAILABLE,
                 "the connection closed during the handshake",
@@ -259,9 +270,9 @@ class Endpoint:
 
     def connection_lost(self, now: float, reason: str) -> list[EndpointEvent]:
         """The transport failed or was closed under us (no more bytes either way)."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return []
-        in_handshake = self.phase is Phase.HANDSHAKE or self.phase is Phase.ATTESTING
+        in_handshake = self.phase is _HANDSHAKE or self.phase is _ATTESTING
         error = HandshakeError(reason) if in_handshake else None
         return self._close(Status.UNAVAILABLE, reason, error=error, retryable=True)
 
@@ -284,7 +295,7 @@ class Endpoint:
         for ev in events:
             match ev:
                 case NeedAttestation():
-                    self.phase = Phase.ATTESTING
+                    self.phase = _ATTESTING
                     out.append(AttestationRequested(ev.user_data, ev.nonce, ev.public_key))
                 case HandshakeComplete():
                     out.extend(self._established(ev, now))
@@ -294,11 +305,11 @@ class Endpoint:
 
     def supply_attestation(self, document: bytes, now: float) -> list[EndpointEvent]:
         """Answer ``AttestationRequested`` with this side's document."""
-        if self.phase is not Phase.ATTESTING:
+        if self.phase is not _ATTESTING:
             return []  # closed meanwhile (timeout, peer gone): the document is not needed
         hs = self._handshake
         assert hs is not None
-        self.phase = Phase.HANDSHAKE
+        self.phase = _HANDSHAKE
         try:
             hs.supply_attestation(document)
         except _HANDSHAKE_ERRORS as exc:
@@ -307,7 +318,7 @@ class Endpoint:
 
     def attestation_failed(self, reason: str, now: float) -> list[EndpointEvent]:
         """The attester could not produce a document."""
-        if self.phase is not Phase.ATTESTING:
+        if self.phase is not _ATTESTING:
             return []
         self._queue_alert(Alert.INTERNAL_ERROR)
         return self._close(
@@ -319,7 +330,7 @@ class Endpoint:
     def refuse(self, alert: Alert, reason: str) -> list[EndpointEvent]:
         """Server: refuse the connection before reading anything (e.g. at its connection
         limit); the peer learns why from the ALERT."""
-        if self.phase is not Phase.HANDSHAKE:
+        if self.phase is not _HANDSHAKE:
             raise LocalProtocolError("only a connection still in its handshake can be refused")
         self._handshake = None
         self._queue_alert(alert)
@@ -328,7 +339,7 @@ class Endpoint:
     def shed(self, now: float, reason: str) -> list[EndpointEvent]:
         """Close at once to free what this connection holds (the server's memory budget):
         calls in flight fail with RESOURCE_EXHAUSTED, our CLOSE goes out if it still can."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return []
         if self.session is None:
             self._queue_alert(Alert.INTERNAL_ERROR)
@@ -358,7 +369,7 @@ class Endpoint:
         self.mode = done.mode
         self.peer_claims = done.peer_claims
         self.channel_binding = getattr(done.session, "channel_binding", b"")
-        self.phase = Phase.OPEN
+        self.phase = _OPEN
         self.established_at = now
         self.calls.start_clock(now)
         if self._key_update_interval is not None and done.session.encrypted:
@@ -404,15 +415,15 @@ class Endpoint:
         """Begin a graceful close: what is queued leaves, then our CLOSE; the connection ends
         when the peer's CLOSE arrives or ``close_timeout`` passes. Calls still in flight stay
         pending until then (the peer may still answer them)."""
-        if self.phase is Phase.OPEN:
+        if self.phase is _OPEN:
             self._seal_pending(closing=True)
-            self.phase = Phase.CLOSING
+            self.phase = _CLOSING
             self._close_deadline = now + self._close_timeout
             if self.session is not None and not self.session.encrypted:
                 # Plaintext mode has no CLOSE record: the end of stream is the close.
                 return self._close(Status.UNAVAILABLE, reason or "closed", clean=True)
             return []
-        if self.phase is Phase.HANDSHAKE or self.phase is Phase.ATTESTING:
+        if self.phase is _HANDSHAKE or self.phase is _ATTESTING:
             # The peer may already consider the session open (a client is, once it sent its
             # Finished): finish the handshake, then close properly. The deadline bounds it.
             self._close_requested = reason or "closed"
@@ -429,12 +440,12 @@ class Endpoint:
     ) -> list[EndpointEvent]:
         """Enter CLOSED: our CLOSE goes out if the session can still send, every call left
         ends, and ConnectionClosed is the last event."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return []
         in_handshake = self.session is None
-        if self.phase is Phase.OPEN:
+        if self.phase is _OPEN:
             self._seal_pending(closing=True)
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         self._handshake = None
         ended: list[EndpointEvent] = self.calls.fail_all(status, reason)  # type: ignore[assignment]
         return [
@@ -467,13 +478,13 @@ class Endpoint:
     @property
     def wants_write(self) -> bool:
         """``data_to_send`` has something (a shell need not schedule a write otherwise)."""
-        return bool(self._wire) or (self.phase is Phase.OPEN and self.calls.pending_bytes > 0)
+        return bool(self._wire) or (self.phase is _OPEN and self.calls.pending_bytes > 0)
 
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Wire bytes to write, in order (possibly empty). Buffers are fresh and never touched
         again by the endpoint (transports may keep a reference to unsent data)."""
         wire = self._wire
-        if self.phase is Phase.OPEN:
+        if self.phase is _OPEN:
             plain = self.calls.data_to_send()
             session = self.session
             assert session is not None
@@ -497,11 +508,11 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         phase = self.phase
-        if phase is Phase.HANDSHAKE or phase is Phase.ATTESTING:
+        if phase is _HANDSHAKE or phase is _ATTESTING:
             return self._handshake_deadline
-        if phase is Phase.CLOSED:
+        if phase is _CLOSED:
             return None
-        if phase is Phase.CLOSING:
+        if phase is _CLOSING:
             return self._close_deadline
         when = self.calls.get_timer()
         # Written out (no list, no loop): the shells ask after every read.
@@ -519,7 +530,7 @@ class Endpoint:
 
     def handle_timer(self, now: float) -> list[EndpointEvent]:
         phase = self.phase
-        if phase is Phase.HANDSHAKE or phase is Phase.ATTESTING:
+        if phase is _HANDSHAKE or phase is _ATTESTING:
             if now >= self._handshake_deadline:
                 return self._close(
                     Status.UNAVAILABLE,
@@ -527,12 +538,12 @@ class Endpoint:
                     error=HandshakeError("handshake timed out"),
                 )
             return []
-        if phase is Phase.CLOSING:
+        if phase is _CLOSING:
             assert self._close_deadline is not None
             if now >= self._close_deadline:
                 return self._close(Status.UNAVAILABLE, "the peer did not answer our CLOSE")
             return []
-        if phase is Phase.CLOSED:
+        if phase is _CLOSED:
             return []
         if (
             self.partial_since is not None
