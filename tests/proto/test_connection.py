@@ -534,3 +534,16 @@ def test_start_unary_refuses_as_start_call_does() -> None:
     with pytest.raises(LocalProtocolError, match="only a client"):
         Connection(Role.SERVER).start_unary("s.m", [])
     assert client.data_to_send() is None  # nothing was sent for a refused call
+
+
+def test_per_call_events_stay_out_of_the_cycle_collector() -> None:
+    import gc
+
+    client, server = pair()
+    client.start_call("s.m", [b"x"], now=0)
+    (request,) = pipe(client, server)
+    server.send_response(1, [b"y"])
+    (response,) = pipe(server, client)
+    assert isinstance(request, RequestReceived) and isinstance(response, ResponseReceived)
+    assert not gc.is_tracked(request) and not gc.is_tracked(response)
+    assert request == RequestReceived(1, "s.m", [b"x"], None, None, False)

@@ -1,6 +1,9 @@
 """Events the sans-IO endpoint hands to its shell.
 
-Plain classes with ``__slots__`` rather than dataclasses: one is built per call on the hot path.
+``msgspec.Struct`` classes rather than dataclasses or plain classes: one or two are built per
+call on the hot path, and a Struct is built in C (~4x faster than a Python ``__init__``). The
+per-call ones are also left out of the cyclic garbage collector (``gc=False``): they hold only
+decoded wire data, which cannot refer back to them, so no cycle can pass through them.
 ``EndpointEvent`` is the closed union of everything ``Endpoint`` returns; the shells dispatch on
 it with ``match`` and ``typing.assert_never``, so mypy names any event a shell forgets.
 ``ConnectionTerminated`` is internal to the call multiplexer: the endpoint turns it into a close.
@@ -9,6 +12,8 @@ it with ``match`` and ``typing.assert_never``, so mypy names any event a shell f
 from __future__ import annotations
 
 from typing import Any
+
+import msgspec
 
 from vrpc.status import Status
 
@@ -33,201 +38,125 @@ __all__ = [
 ]
 
 
-class Event:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        names: tuple[str, ...] = self.__slots__
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in names)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        names: tuple[str, ...] = self.__slots__
-        return type(self) is type(other) and all(
-            getattr(self, k) == getattr(other, k) for k in names
-        )
-
-    __hash__ = None  # type: ignore[assignment]
+class Event(msgspec.Struct):
+    """Base of every event (equality by fields, a readable repr, not hashable)."""
 
 
-class RequestReceived(Event):
+class RequestReceived(Event, gc=False):
     """Server side: a new call. ``timeout`` is the caller's remaining time in seconds."""
 
-    __slots__ = (
-        "args",
-        "call_id",
-        "metadata",
-        "method",
-        "stream_request",
-        "stream_response",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        call_id: int,
-        method: str,
-        args: list[Any],
-        metadata: dict[str, Any] | None,
-        timeout: float | None,
-        stream_request: bool,
-        stream_response: bool = False,
-    ) -> None:
-        self.call_id = call_id
-        self.method = method
-        self.args = args
-        self.metadata = metadata
-        self.timeout = timeout
-        self.stream_request = stream_request
-        self.stream_response = stream_response
+    call_id: int
+    method: str
+    args: list[Any]
+    metadata: dict[str, Any] | None
+    timeout: float | None
+    stream_request: bool
+    stream_response: bool = False
 
 
-class ResponseReceived(Event):
+class ResponseReceived(Event, gc=False):
     """Client side: the call finished with OK (for a stream, after its items)."""
 
-    __slots__ = ("call_id", "result", "trailers")
-
-    def __init__(self, call_id: int, result: Any, trailers: dict[str, Any] | None) -> None:
-        self.call_id = call_id
-        self.result = result
-        self.trailers = trailers
+    call_id: int
+    result: Any
+    trailers: dict[str, Any] | None
 
 
-class ErrorReceived(Event):
+class ErrorReceived(Event, gc=False):
     """Client side: the call finished with a non-OK status (from the peer or a local deadline)."""
 
-    __slots__ = ("call_id", "details", "message", "status", "trailers")
-
-    def __init__(
-        self,
-        call_id: int,
-        status: Status,
-        message: str,
-        details: Any = None,
-        trailers: dict[str, Any] | None = None,
-    ) -> None:
-        self.call_id = call_id
-        self.status = status
-        self.message = message
-        self.details = details
-        self.trailers = trailers
+    call_id: int
+    status: Status
+    message: str
+    details: Any = None
+    trailers: dict[str, Any] | None = None
 
 
-class ItemReceived(Event):
+class ItemReceived(Event, gc=False):
     """A stream item. ``size`` is its encoded size, to be handed back via ``consumed``."""
 
-    __slots__ = ("call_id", "item", "size")
-
-    def __init__(self, call_id: int, item: Any, size: int) -> None:
-        self.call_id = call_id
-        self.item = item
-        self.size = size
+    call_id: int
+    item: Any
+    size: int
 
 
-class StreamEnded(Event):
+class StreamEnded(Event, gc=False):
     """Server side: the client finished sending its request stream."""
 
-    __slots__ = ("call_id",)
-
-    def __init__(self, call_id: int) -> None:
-        self.call_id = call_id
+    call_id: int
 
 
-class HeadersReceived(Event):
+class HeadersReceived(Event, gc=False):
     """Client side: the handler sent its initial metadata."""
 
-    __slots__ = ("call_id", "metadata")
-
-    def __init__(self, call_id: int, metadata: dict[str, Any]) -> None:
-        self.call_id = call_id
-        self.metadata = metadata
+    call_id: int
+    metadata: dict[str, Any]
 
 
-class CallCancelled(Event):
+class CallCancelled(Event, gc=False):
     """Server side: stop the handler (the client cancelled, or the deadline passed)."""
 
-    __slots__ = ("call_id", "status")
-
-    def __init__(self, call_id: int, status: Status) -> None:
-        self.call_id = call_id
-        self.status = status
+    call_id: int
+    status: Status
 
 
-class CreditAvailable(Event):
+class CreditAvailable(Event, gc=False):
     """The peer granted flow-control credit: a blocked stream sender may continue."""
 
-    __slots__ = ("call_id",)
-
-    def __init__(self, call_id: int) -> None:
-        self.call_id = call_id
+    call_id: int
 
 
 class GoAwayReceived(Event):
     """Client side: the server is draining; calls above ``last_call_id`` were not processed."""
 
-    __slots__ = ("last_call_id", "reason")
-
-    def __init__(self, last_call_id: int, reason: str) -> None:
-        self.last_call_id = last_call_id
-        self.reason = reason
+    last_call_id: int
+    reason: str
 
 
 class PongReceived(Event):
     """The peer answered our keepalive PING; ``rtt`` is the round trip in seconds."""
 
-    __slots__ = ("rtt",)
-
-    def __init__(self, rtt: float) -> None:
-        self.rtt = rtt
+    rtt: float
 
 
 class ConnectionTerminated(Event):
     """The connection must be closed (keepalive timeout, idle timeout)."""
 
-    __slots__ = ("reason", "status")
-
-    def __init__(self, status: Status, reason: str) -> None:
-        self.status = status
-        self.reason = reason
+    status: Status
+    reason: str
 
 
 class SettingsReceived(Event):
     """Client side: the server announced how many calls it serves at once on this connection."""
 
-    __slots__ = ("max_calls",)
-
-    def __init__(self, max_calls: int) -> None:
-        self.max_calls = max_calls
+    max_calls: int
 
 
 class AttestationRequested(Event):
     """The handshake needs this side's attestation document with exactly these fields: run the
     attester (off the event loop for /dev/nsm) and answer with ``Endpoint.supply_attestation``."""
 
-    __slots__ = ("nonce", "public_key", "user_data")
-
-    def __init__(self, user_data: bytes, nonce: bytes, public_key: bytes) -> None:
-        self.user_data = user_data
-        self.nonce = nonce
-        self.public_key = public_key
+    user_data: bytes
+    nonce: bytes
+    public_key: bytes
 
 
 class SessionEstablished(Event):
     """The handshake completed: calls may flow. ``peer_claims`` are the verified attestation
     claims of the peer (None when the peer was not attested)."""
 
-    __slots__ = ("channel_binding", "mode", "peer_claims", "service")
-
-    def __init__(
-        self, peer_claims: Any, mode: str, channel_binding: bytes, service: str | None
-    ) -> None:
-        self.peer_claims = peer_claims
-        self.mode = mode
-        self.channel_binding = channel_binding
-        self.service = service
+    peer_claims: Any
+    mode: str
+    channel_binding: bytes
+    service: str | None
 
 
-class ConnectionClosed(Event):
+class _Ending(Event):
+    status: Status
+    reason: str
+
+
+class ConnectionClosed(_Ending, kw_only=True):
     """The connection is over; the shell sends ``data_to_send()`` and closes the transport.
 
     Always the last event, emitted once. ``clean`` is True for an exchange of CLOSE records;
@@ -237,24 +166,10 @@ class ConnectionClosed(Event):
     protocol violation), which is never retried silently.
     """
 
-    __slots__ = ("clean", "error", "in_handshake", "reason", "retryable", "status")
-
-    def __init__(
-        self,
-        status: Status,
-        reason: str,
-        *,
-        clean: bool = False,
-        error: Exception | None = None,
-        in_handshake: bool = False,
-        retryable: bool = False,
-    ) -> None:
-        self.status = status
-        self.reason = reason
-        self.clean = clean
-        self.error = error
-        self.in_handshake = in_handshake
-        self.retryable = retryable
+    clean: bool = False
+    error: Exception | None = None
+    in_handshake: bool = False
+    retryable: bool = False
 
 
 EndpointEvent = (
