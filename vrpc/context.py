@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
+
 __all__ = ["CallContext", "CallOptions", "Peer", "call_options", "current_call"]
 
 
@@ -33,39 +35,22 @@ class Peer:
     channel_binding: bytes = b""
 
 
-class CallContext:
-    """The server-side view of one call (``vrpc.current_call()`` inside a handler)."""
+class CallContext(msgspec.Struct):
+    """The server-side view of one call (``vrpc.current_call()`` inside a handler).
 
-    __slots__ = (
-        "_call_id",
-        "_sender",
-        "deadline",
-        "headers_sent",
-        "metadata",
-        "method",
-        "peer",
-        "trailers",
-    )
+    ``deadline`` is a ``time.monotonic()`` value, or None. A Struct: one is built per call, in C.
+    """
 
-    def __init__(
-        self,
-        method: str,
-        metadata: dict[str, Any] | None,
-        peer: Peer,
-        deadline: float | None,
-        sender: Any,
-        call_id: int,
-    ) -> None:
-        self.method = method
-        self.metadata: dict[str, Any] = metadata or {}
-        self.peer = peer
-        self.deadline = deadline  # time.monotonic() value, or None
-        self.trailers: dict[str, Any] = {}
-        self.headers_sent = False
-        # The connection shell that sends this call's headers; kept as (object, id) rather
-        # than a bound partial because a context is built for every call.
-        self._sender = sender
-        self._call_id = call_id
+    method: str
+    metadata: dict[str, Any]
+    peer: Peer
+    deadline: float | None
+    # The connection shell that sends this call's headers; kept as (object, id) rather than a
+    # bound partial because a context is built for every call.
+    _sender: Any
+    _call_id: int
+    trailers: dict[str, Any] = msgspec.field(default_factory=dict)
+    headers_sent: bool = False
 
     def time_remaining(self) -> float | None:
         if self.deadline is None:

@@ -389,7 +389,7 @@ class _ServerConnection(EndpointProtocol):
             self.inbound[call_id] = stream
             args.append(stream)
         deadline = None if ev.timeout is None else monotonic() + ev.timeout
-        ctx = CallContext(ev.method, ev.metadata, self.peer, deadline, self, call_id)
+        ctx = CallContext(ev.method, ev.metadata or {}, self.peer, deadline, self, call_id)
         server._in_flight += 1
         coro = self._run(method, call_id, args, ctx)
         if self.loop.get_task_factory() is None:
