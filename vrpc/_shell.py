@@ -58,6 +58,15 @@ class EndpointProtocol(asyncio.Protocol):
     def on_connection_made(self) -> None:
         pass
 
+    # A subclass that accounts for the input a connection holds (the server's memory budget)
+    # sets ``tracks_input``; ``input_held`` then hears of every change of the amount after a
+    # read. Checked here rather than in an override: it runs on every read.
+    tracks_input = False
+    held_input = 0
+
+    def input_held(self, held: int) -> None:
+        self.held_input = held
+
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +85,10 @@ class EndpointProtocol(asyncio.Protocol):
         events = endpoint.receive_data(data, monotonic())
         if events:
             self.dispatch(events)
+        if self.tracks_input:
+            held = 0 if self.closed else endpoint.buffered_input
+            if held != self.held_input:
+                self.input_held(held)
         if endpoint.wants_write:
             self.schedule_flush()
         self.arm_timer()

@@ -141,8 +141,8 @@ class _ServerConnection(EndpointProtocol):
         self.cut_off = False  # the server's shutdown cancels the calls still running
         self.handshaking = False  # counted in the server's concurrent-handshake limit
         # What this connection holds in the server's memory budget (see Server.max_buffered):
-        # partial input, and the output queued when writing last paused.
-        self.held_input = 0
+        # partial input (``held_input``, kept up to date by the shell after every read), and the
+        # output queued when writing last paused.
         self.held_output = 0
         self.held_since: float | None = None  # output paused since (input: the endpoint knows)
 
@@ -221,12 +221,11 @@ class _ServerConnection(EndpointProtocol):
                 break
         super()._attested(future)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        held = 0 if self.closed else self.endpoint.buffered_input
-        if held != self.held_input:
-            delta, self.held_input = held - self.held_input, held
-            self.server._hold(self, delta)  # may shed this very connection
+    tracks_input = True
+
+    def input_held(self, held: int) -> None:
+        delta, self.held_input = held - self.held_input, held
+        self.server._hold(self, delta)  # may shed this very connection
 
     # A peer that sends requests but never reads the responses would otherwise make the server
     # buffer every response: stop reading it while its responses cannot leave. Only the server
@@ -492,8 +491,6 @@ class _ServerConnection(EndpointProtocol):
                     self.flush_now()
                 else:
                     self.schedule_flush()
-                if ctx.deadline is not None or not self.tasks:
-                    self.arm_timer()  # deadlines and the idle clock
             elapsed = monotonic() - started
             server.metrics.record(ctx.method, status, elapsed)
             if server.log_calls or status is _INTERNAL:

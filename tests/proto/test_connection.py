@@ -547,3 +547,20 @@ def test_per_call_events_stay_out_of_the_cycle_collector() -> None:
     assert isinstance(request, RequestReceived) and isinstance(response, ResponseReceived)
     assert not gc.is_tracked(request) and not gc.is_tracked(response)
     assert request == RequestReceived(1, "s.m", [b"x"], None, None, False)
+
+
+def test_calls_coming_and_going_never_make_the_timer_earlier() -> None:
+    """The shells ask for the timer after reads but not when a call ends: that is only safe
+    because the idle look is scheduled whether or not calls are in flight."""
+    client, server = pair(idle_timeout=30, keepalive_interval=None)
+    server.start_clock(0)
+    assert server.get_timer() == 30
+    cid = client.start_call("s.m", [], now=0)
+    pipe(client, server, 1)
+    assert server.get_timer() == 30  # busy, yet the idle look stays scheduled
+    assert server.handle_timer(30) == []  # the look sees the call and restarts the clock
+    assert server.get_timer() == 60
+    server.send_response(cid, None)  # the call ends: the timer does not move earlier
+    assert server.get_timer() == 60
+    assert server.handle_timer(60) == []  # the call went: idleness starts at the earliest now
+    assert server.handle_timer(90) == [ConnectionTerminated(Status.UNAVAILABLE, "idle timeout")]

@@ -682,9 +682,12 @@ class Connection:
                 extra = None
             if extra is not None and (when is None or extra < when):
                 when = extra
-            if self._idle_timeout is not None and self._idle_since is not None and not self._calls:
+            if self._idle_timeout is not None and self._idle_since is not None:
                 # Checked lazily (no clock on the hot path): a connection is closed between one
-                # and two idle timeouts after its last call ended.
+                # and two idle timeouts after its last call ended. Asked for whether or not
+                # calls are in flight, so that calls coming and going never make the timer
+                # earlier (the shells need not ask again when a call ends); a busy connection
+                # pays one look every idle timeout.
                 extra = self._idle_since + self._idle_timeout
                 if when is None or extra < when:
                     when = extra

@@ -508,12 +508,12 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         phase = self.phase
-        if phase is _HANDSHAKE or phase is _ATTESTING:
-            return self._handshake_deadline
-        if phase is _CLOSED:
-            return None
-        if phase is _CLOSING:
-            return self._close_deadline
+        if phase is not _OPEN:
+            if phase is _HANDSHAKE or phase is _ATTESTING:
+                return self._handshake_deadline
+            if phase is _CLOSING:
+                return self._close_deadline
+            return None  # closed
         when = self.calls.get_timer()
         # Written out (no list, no loop): the shells ask after every read.
         extra = self._next_key_update
