@@ -91,7 +91,8 @@ class EndpointProtocol(asyncio.Protocol):
                 self.input_held(held)
         if endpoint.wants_write:
             self.schedule_flush()
-        self.arm_timer()
+        if endpoint.timer_changed:
+            self.arm_timer()
 
     def eof_received(self) -> bool:
         self.after(self.endpoint.eof_received(monotonic()))

@@ -519,3 +519,37 @@ def test_wants_write_says_whether_data_to_send_has_anything() -> None:
     pair.server.close(2.0)  # a CLOSE record waits for the transport
     assert pair.server.wants_write and pair.server.data_to_send() != []
     assert not pair.server.wants_write
+
+
+def test_timer_changed_says_when_a_read_may_have_moved_the_timer_earlier() -> None:
+    pair = established()
+    server = pair.server
+    server.get_timer()
+    assert not server.timer_changed
+    # A call without a deadline: nothing earlier to wake for.
+    pair.client.calls.start_call("s.m", [], now=1)
+    for chunk in pair.client.data_to_send():
+        server.receive_data(bytes(chunk), 1)
+    assert not server.timer_changed
+    # A call with a deadline: the server must ask again, and learns the deadline.
+    pair.client.calls.start_call("s.m", [], now=2, timeout=0.5)
+    for chunk in pair.client.data_to_send():
+        server.receive_data(bytes(chunk), 2)
+    assert server.timer_changed
+    assert server.get_timer() == 2.5 and not server.timer_changed
+    # A partial message starts the message deadline.
+    wire, _ = _frame_start(pair, 100_000, 10)
+    server.receive_data(wire, 3)
+    assert server.timer_changed and server.partial_since == 3
+
+
+def test_traffic_answering_a_ping_makes_the_next_ping_due_sooner() -> None:
+    """With a PING timeout longer than the interval, the next PING is due before the timeout
+    the timer was armed for: a read that clears the PING must say so."""
+    pair = established(server=server_endpoint(keepalive_interval=1.0, keepalive_timeout=20.0))
+    server = pair.server
+    server.handle_timer(1.0)  # the interval ran out: PING
+    assert server.get_timer() == 21.0  # the PING's timeout
+    pair.pump(1.5)  # the client's PONG
+    assert server.timer_changed
+    assert server.get_timer() == 2.5  # the next interval, not the old PING's timeout

@@ -266,6 +266,10 @@ class Connection:
         self._idle_mark: tuple[int, bool] = (0, False)
         self._ping_sent_at: float | None = None
         self._ping_id = 0
+        # Bumped whenever ``get_timer`` may have become earlier other than by ``handle_timer``
+        # (a deadline added, an outstanding PING answered by traffic, the clock started): a
+        # shell that compares it after a read need not ask ``get_timer`` on every read.
+        self.timer_epoch = 0
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
         # The server's announced per-connection call limit (client side; None until SETTINGS).
@@ -362,6 +366,7 @@ class Connection:
         self._calls[call_id] = _Call(stream_request, stream_response) if flags else _UNARY
         if timeout is not None:
             heapq.heappush(self._deadlines, (now + timeout, call_id))
+            self.timer_epoch += 1
         return call_id
 
     def start_unary(self, method: str, args: list[Any] | tuple[Any, ...]) -> int:
@@ -480,6 +485,7 @@ class Connection:
     def ping(self, now: float) -> None:
         self._ping_id += 1
         self._ping_sent_at = now
+        self.timer_epoch += 1
         self._emit((PING, self._ping_id))
 
     # ------------------------------------------------------------------ receive
@@ -506,7 +512,9 @@ class Connection:
             if _MSG_LENGTHS.get(msg[0]) != len(msg):
                 raise _bad(f"message type {msg[0]!r} with {len(msg)} fields is not defined")
             handle(msg, len(body), now, events)
-        self._ping_sent_at = None  # any traffic proves the peer alive
+        if self._ping_sent_at is not None:
+            self._ping_sent_at = None  # any traffic proves the peer alive
+            self.timer_epoch += 1  # the next PING may now be due before the PING's timeout
         return events
 
     def _handle(self, msg: list[Any], size: int, now: float, events: list[Event]) -> None:
@@ -619,6 +627,7 @@ class Connection:
         if timeout_ms is not None:
             timeout = timeout_ms / 1000
             heapq.heappush(self._deadlines, (now + timeout, call_id))
+            self.timer_epoch += 1
         events.append(
             RequestReceived(
                 call_id,
@@ -698,6 +707,7 @@ class Connection:
         if self._last_activity is None:
             self._last_activity = now
             self._idle_since = now
+            self.timer_epoch += 1
 
     def handle_timer(self, now: float) -> list[Event]:
         events: list[Event] = []

@@ -166,6 +166,12 @@ class Endpoint:
         self.partial_since: float | None = None
         self._frames_seen = 0
         self._buffered = 0  # bytes of partial records and messages after the last read
+        # True when ``get_timer`` may answer earlier than when last asked because of input
+        # (a new deadline, a partial message, the handshake moving on): after a read, a shell
+        # asks ``get_timer`` again only then. Any other call of the endpoint may move the
+        # timer too: shells ask after each of those.
+        self.timer_changed = True
+        self._calls_epoch = calls.timer_epoch
         # The handshake checks documents at wall-clock time (certificate validity, freshness);
         # every other timer runs on the monotonic ``now``. Both are passed in, never read here.
         self._wall_offset = wall_clock - now
@@ -243,8 +249,11 @@ class Endpoint:
                 self._note_partial(now)
             elif self.partial_since is not None:
                 self.partial_since = None
+            if calls.timer_epoch != self._calls_epoch:
+                self.timer_changed = True
             return events  # type: ignore[return-value]
         if phase is _HANDSHAKE or phase is _ATTESTING:
+            self.timer_changed = True
             return self._receive_handshake(data, now)
         return []  # CLOSED: whatever still arrives is not read
 
@@ -395,6 +404,8 @@ class Endpoint:
         """A partial message is held: start its deadline when it appears, and restart it
         whenever a message completes (the next one is then the partial one)."""
         frames = self.calls.frames_received
+        if self.partial_since is None:
+            self.timer_changed = True  # the message deadline starts
         if self.partial_since is None or frames != self._frames_seen:
             self.partial_since = now
             self._frames_seen = frames
@@ -507,6 +518,8 @@ class Endpoint:
     # ------------------------------------------------------------------ time
 
     def get_timer(self) -> float | None:
+        self.timer_changed = False
+        self._calls_epoch = self.calls.timer_epoch
         phase = self.phase
         if phase is not _OPEN:
             if phase is _HANDSHAKE or phase is _ATTESTING:
