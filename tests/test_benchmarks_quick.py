@@ -446,3 +446,25 @@ def test_the_baseline_worker_imports_vrpc_from_the_other_tree(tmp_path: Path) ->
         stdin=subprocess.DEVNULL,
     )
     assert "vrpc from the baseline" in proc.stderr
+
+
+def test_instruction_counts_difference_two_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import instructions
+
+    # Start-up cancels out: a fixed cost plus 1,000 instructions per call.
+    monkeypatch.setattr(
+        instructions, "count", lambda source, conc, rounds: 5_000_000 + 1_000 * conc * rounds
+    )
+    assert instructions.per_call(REPO, 64) == 1_000
+    assert instructions.per_call(REPO, 1) == 1_000
+
+
+def test_the_instruction_count_program_runs_the_calls() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--one-run", str(REPO), "4", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
