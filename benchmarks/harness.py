@@ -1,5 +1,5 @@
 """Run systems side by side: every server and client in its own process, all up at once, and
-each case's repetitions interleaved across systems (A B C A B C ...), so that a change in the
+each case's repetitions interleaved across systems (A B C C B A A B C ...), so that a change in the
 machine's load hits every system alike and the per-repetition ratios compare like with like.
 """
 
@@ -179,7 +179,8 @@ def run_interleaved(
     say: Callable[[str], None] = lambda _: None,
 ) -> None:
     """For each case: one warm-up run per pair, then ``reps`` repetitions, each running every
-    pair once in turn. Runs land in ``pair.runs[case_key(case)]`` in repetition order."""
+    pair once in turn, in the opposite order every other repetition. Runs land in
+    ``pair.runs[case_key(case)]`` in repetition order."""
     for case in cases:
         members = [p for p in pairs if applies(p, case)]
         if not members:
@@ -187,8 +188,10 @@ def run_interleaved(
         started = time.monotonic()
         for p in members:
             measure(p, case, warmup)
-        for _ in range(reps):
-            for p in members:
+        for rep in range(reps):
+            # The order turns round every repetition: a system measured right after another
+            # one's run (warm caches, a busy scheduler) is not always the same system.
+            for p in members if rep % 2 == 0 else members[::-1]:
                 p.runs.setdefault(case_key(case), []).append(measure(p, case, duration))
         say(
             f"   {label(case)}: "

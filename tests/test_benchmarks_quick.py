@@ -468,3 +468,22 @@ def test_the_instruction_count_program_runs_the_calls() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_repetitions_alternate_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import harness
+
+    order: list[str] = []
+
+    def fake_measure(pair: Any, case: Any, duration: float) -> dict[str, Any]:
+        order.append(pair.system)
+        return {"calls": 1, "calls_per_s": 1.0}
+
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    pairs = [harness.Pair(name, "uvloop", "a", "a") for name in ("A", "B", "C")]
+    case = {"case": "unary", "payload_bytes": 64, "concurrency": 1}
+    harness.run_interleaved(pairs, [case], lambda p, c: True, reps=3, duration=0, warmup=0)
+    warmup, reps = order[:3], order[3:]
+    assert warmup == ["A", "B", "C"]
+    assert reps == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
+    assert all(len(p.runs[harness.case_key(case)]) == 3 for p in pairs)
