@@ -109,3 +109,19 @@ async def test_no_payloads_or_keys_in_logs(tmp_path: Path, monkeypatch: pytest.M
         leaked = [form for form in _forms(secret) if form in text]
         assert not leaked, f"{name} appears in the logs"
     assert "VRPC-PLAINTEXT-MARKER" not in text
+
+
+def test_a_call_context_names_no_field_in_its_repr_and_is_its_own_identity() -> None:
+    """A handler that logs ``current_call()`` must not log the caller's metadata (credentials
+    travel there); and a context is one call, usable as a dict key."""
+    secret = MARKER.decode()
+    ctx = vrpc.CallContext(
+        "s.m", {"authorization": secret}, vrpc.Peer("/tmp/s.sock"), None, object(), 1
+    )
+    twin = vrpc.CallContext(
+        "s.m", {"authorization": secret}, vrpc.Peer("/tmp/s.sock"), None, object(), 1
+    )
+    assert secret not in repr(ctx) and "authorization" not in repr(ctx)
+    assert repr(ctx).startswith("<vrpc.context.CallContext object at ")
+    assert ctx != twin and ctx == ctx
+    assert {ctx: 1, twin: 2}[ctx] == 1

@@ -35,10 +35,12 @@ class Peer:
     channel_binding: bytes = b""
 
 
-class CallContext(msgspec.Struct):
+class CallContext(msgspec.Struct, eq=False):
     """The server-side view of one call (``vrpc.current_call()`` inside a handler).
 
     ``deadline`` is a ``time.monotonic()`` value, or None. A Struct: one is built per call, in C.
+    Compared and hashed by identity (one context per call, usable as a key), and its repr names
+    no field: metadata may carry credentials, and a context may end up in a log line.
     """
 
     method: str
@@ -51,6 +53,9 @@ class CallContext(msgspec.Struct):
     _call_id: int
     trailers: dict[str, Any] = msgspec.field(default_factory=dict)
     headers_sent: bool = False
+
+    def __repr__(self) -> str:
+        return object.__repr__(self)
 
     def time_remaining(self) -> float | None:
         if self.deadline is None:
