@@ -15,9 +15,9 @@ from vrpc.exceptions import FrameTooLarge
 
 __all__ = ["HEADER_SIZE", "FrameDecoder", "encode_frame", "unheld"]
 
-HEADER_SIZE = 4
 # The length prefix, read and written in place (no slice or bytes object per frame).
 HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
 _MAX_PREFIX = 0xFFFFFFFF
 # A partial frame at least this large is assembled in a buffer of its own size (see FrameDecoder).
 _ASSEMBLE_FROM = 65536
@@ -44,7 +44,7 @@ def encode_frame(body: bytes) -> bytes:
     """One frame as bytes (prefix and body in one buffer)."""
     if len(body) > _MAX_PREFIX:
         raise ValueError("frame body longer than 2**32 - 1 bytes")
-    return len(body).to_bytes(4, "big") + body
+    return HEADER.pack(len(body)) + body
 
 
 class FrameDecoder:
