@@ -144,10 +144,12 @@ async def bytes_while_attesting(uri: str, begin: Callable[[], None]) -> tuple[st
     return f"{sent / MiB:.1f} of 64 MiB accepted by the socket", time.perf_counter() - started
 
 
-async def empty_records(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
-    """100,000 empty DATA records after a handshake."""
+async def _record_flood(
+    uri: str, begin: Callable[[], None], record: Callable[[Any], bytes], count: int
+) -> tuple[str, float]:
+    """``count`` records made by ``record`` after a handshake, sent back to back."""
     raw = await RawSession.open(uri)
-    flood = b"".join(empty_data_record(raw.session) for _ in range(100_000))
+    flood = b"".join(record(raw.session) for _ in range(count))
     begin()  # the attacker's own preparation (same process) is not the honest client's wait
     started = time.perf_counter()
     try:
@@ -156,20 +158,16 @@ async def empty_records(uri: str, begin: Callable[[], None]) -> tuple[str, float
     except (ConnectionResetError, BrokenPipeError):
         closed = True
     return f"closed={closed}", time.perf_counter() - started
+
+
+async def empty_records(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
+    """100,000 empty DATA records after a handshake."""
+    return await _record_flood(uri, begin, empty_data_record, 100_000)
 
 
 async def key_updates(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
     """20,000 back-to-back KEY_UPDATE records."""
-    raw = await RawSession.open(uri)
-    flood = b"".join(key_update_record(raw.session) for _ in range(20_000))
-    begin()  # the attacker's own preparation (same process) is not the honest client's wait
-    started = time.perf_counter()
-    try:
-        raw.send_wire(flood)
-        closed = await raw.closed_by_server(30)
-    except (ConnectionResetError, BrokenPipeError):
-        closed = True
-    return f"closed={closed}", time.perf_counter() - started
+    return await _record_flood(uri, begin, key_update_record, 20_000)
 
 
 async def _gone(raw: RawSession) -> bool:
