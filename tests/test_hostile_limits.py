@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hostile_helpers import (
@@ -31,8 +32,9 @@ from hostile_helpers import (
 from structlog.testing import capture_logs
 
 import vrpc
-from services.echo import Echo
-from vrpc.proto.events import ResponseReceived
+from services.echo import Echo, EchoImpl
+from vrpc.proto.connection import INITIAL_WINDOW
+from vrpc.proto.events import ErrorReceived, ResponseReceived
 from vrpc.proto.handshake import Alert, alert_frame
 from vrpc.proto.record import REC_DATA
 
@@ -322,9 +324,17 @@ async def test_a_peer_that_never_reads_is_shed_when_its_output_exceeds_the_budge
 
 
 async def test_limit_parameters_are_checked_and_reach_the_endpoints(tmp_path: Path) -> None:
-    for bad in ({"max_handshakes": 0}, {"max_attestations": 0}, {"max_buffered": 0}):
+    bad_values: list[dict[str, int]] = [
+        {"max_handshakes": 0},
+        {"max_attestations": 0},
+        {"max_buffered": 0},
+        {"max_in_flight_bytes": 0},
+    ]
+    for bad in bad_values:
         with pytest.raises(ValueError, match=next(iter(bad))):
             vrpc.Server([], attester=SlowAttester(0), **bad)
+    defaults = vrpc.Server([], attester=SlowAttester(0))
+    assert (defaults.max_buffered, defaults.max_in_flight_bytes) == (256 * MiB, 128 * MiB)
     with pytest.raises(ValueError, match="message_timeout"):
         vrpc.Server([], attester=SlowAttester(0), message_timeout=0)
     with pytest.raises(ValueError, match="message_timeout"):
@@ -335,3 +345,138 @@ async def test_limit_parameters_are_checked_and_reach_the_endpoints(tmp_path: Pa
         (conn,) = server._connections
         assert conn.endpoint._message_timeout == 7.0
         assert c._proto is not None and c._proto.endpoint._message_timeout == 9.0
+
+
+# -- what calls in flight hold -------------------------------------------------------------------
+
+
+class Hold(vrpc.Service, name="hold.v1"):
+    @vrpc.rpc
+    async def hold(self, data: bytes) -> int:
+        raise NotImplementedError
+
+    @vrpc.rpc
+    async def take(self, items: AsyncIterator[bytes]) -> int:
+        raise NotImplementedError
+
+
+class HoldImpl(Hold):
+    """Handlers that keep their arguments until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = 0
+
+    async def hold(self, data: bytes) -> int:
+        self.entered += 1
+        await self.gate.wait()
+        return len(data)
+
+    async def take(self, items: AsyncIterator[bytes]) -> int:
+        self.entered += 1
+        await self.gate.wait()
+        total = 0
+        async for item in items:
+            total += len(item)
+        return total
+
+
+async def test_large_calls_to_slow_handlers_are_refused_past_the_in_flight_bytes(
+    tmp_path: Path,
+) -> None:
+    # A peer calling a handler that waits (a KMS call, a lock) with 1 MiB arguments: without the
+    # limit every call's arguments stay in memory until its handler returns, up to
+    # max_concurrent_calls of them (16,384 x 4 MiB by default).
+    uri = sock_uri(tmp_path)
+    impl = HoldImpl()
+    limit = 3 * MiB + 64 * 1024
+    data = b"\x3c" * (MiB - 64)
+    async with (
+        serving(uri, [impl, EchoImpl()], max_in_flight_bytes=limit) as server,
+        HonestProbe(uri) as honest,
+    ):
+        raw = await RawSession.open(uri)
+        ids = [raw.call("hold.v1.hold", [data]) for _ in range(8)]
+        refused: dict[int, Any] = {}
+        for _ in range(20):
+            if len(refused) == 5:
+                break
+            for ev in await raw.events():
+                assert isinstance(ev, ErrorReceived), ev
+                refused[ev.call_id] = ev
+        assert sorted(refused) == ids[3:]  # the first three fit, in arrival order
+        for ev in refused.values():
+            assert ev.status is vrpc.Status.RESOURCE_EXHAUSTED
+            assert f"(limit {limit})" in ev.message
+        assert impl.entered == 3
+        assert 3 * len(data) < server.in_flight_bytes <= limit
+        await honest.check("three 1 MiB calls held, five refused")  # small calls still fit
+        impl.gate.set()
+        answers: list[Any] = []
+        for _ in range(20):
+            if len(answers) == 3:
+                break
+            answers += await raw.events()
+        assert [(a.call_id, a.result) for a in answers] == [(i, len(data)) for i in ids[:3]]
+        assert await wait_until(lambda: server.in_flight_bytes == 0)
+        call_id = raw.call("hold.v1.hold", [data])  # nothing held now: served again
+        (ev,) = await raw.events()
+        assert isinstance(ev, ResponseReceived) and (ev.call_id, ev.result) == (call_id, len(data))
+        raw.close()
+        await honest.check("after the held calls")
+
+
+async def test_one_call_heavier_than_the_limit_still_runs_alone(tmp_path: Path) -> None:
+    uri = sock_uri(tmp_path)
+    impl = HoldImpl()
+    impl.gate.set()
+    async with serving(uri, [impl], max_in_flight_bytes=MiB) as server, client(uri) as c:
+        assert await c.stub(Hold).hold(b"x" * (2 * MiB)) == 2 * MiB
+        assert server.in_flight_bytes == 0
+
+
+async def test_a_request_stream_weighs_its_window(tmp_path: Path) -> None:
+    # Its window lets the client send INITIAL_WINDOW bytes of items before the handler reads.
+    uri = sock_uri(tmp_path)
+    impl = HoldImpl()
+    limit = INITIAL_WINDOW + 64 * 1024
+
+    async def items() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 1000
+
+    async with serving(uri, [impl], max_in_flight_bytes=limit) as server, client(uri) as c:
+        hold = c.stub(Hold)
+        first = asyncio.create_task(hold.take(items()))
+        assert await wait_until(lambda: impl.entered == 1)
+        assert INITIAL_WINDOW < server.in_flight_bytes <= limit
+        with pytest.raises(vrpc.RpcError) as info:
+            await asyncio.wait_for(hold.take(items()), 5)
+        assert info.value.status is vrpc.Status.RESOURCE_EXHAUSTED
+        small = asyncio.create_task(hold.hold(b"z" * 1000))  # a small unary call still fits
+        assert await wait_until(lambda: impl.entered == 2)
+        impl.gate.set()
+        assert await asyncio.wait_for(first, 5) == 4000
+        assert await asyncio.wait_for(small, 5) == 1000
+        assert await wait_until(lambda: server.in_flight_bytes == 0)
+
+
+async def test_a_call_cancelled_before_it_starts_gives_its_bytes_back(tmp_path: Path) -> None:
+    # A REQUEST and its CANCEL in one read: the handler task never runs its first step.
+    uri = sock_uri(tmp_path)
+    impl = HoldImpl()
+    async with serving(uri, [impl], max_in_flight_bytes=4 * MiB) as server:
+        raw = await RawSession.open(uri)
+        for _ in range(3):
+            call_id = raw.conn.start_call("hold.v1.hold", [b"c" * MiB], now=time.monotonic())
+            raw.conn.cancel(call_id)
+            out = raw.conn.data_to_send()
+            assert out is not None
+            raw.send_plain(bytes(out))
+        assert await wait_until(lambda: server.in_flight_bytes == 0 and not server.calls_in_flight)
+        assert impl.entered == 0
+        call_id = raw.call("hold.v1.hold", [b"d" * (3 * MiB)])  # all 4 MiB are free again
+        impl.gate.set()
+        (ev,) = await raw.events()
+        assert isinstance(ev, ResponseReceived) and ev.result == 3 * MiB
+        raw.close()

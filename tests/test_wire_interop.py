@@ -32,10 +32,13 @@ def frames(data: bytes) -> list[list[object]]:
 
 def test_server_accepts_requests_encoded_by_msgpack() -> None:
     conn = Connection(Role.SERVER)
-    events = conn.receive_data(
-        frame([0, 1, "echo.v1.echo", [b"\x00\xff"], 0, 1500, {"k": "v"}]), now=0.0
-    )
-    assert events == [RequestReceived(1, "echo.v1.echo", [b"\x00\xff"], {"k": "v"}, 1.5, False)]
+    wire = frame([0, 1, "echo.v1.echo", [b"\x00\xff"], 0, 1500, {"k": "v"}])
+    events = conn.receive_data(wire, now=0.0)
+    assert events == [
+        RequestReceived(
+            1, "echo.v1.echo", [b"\x00\xff"], {"k": "v"}, 1.5, False, False, len(wire) - 4
+        )
+    ]
     conn.send_response(1, {"data": b"\x01", "n": 3}, {"t": 1})
     out = conn.data_to_send()
     assert out is not None

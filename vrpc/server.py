@@ -29,7 +29,7 @@ from vrpc.attestation import Verifier
 from vrpc.context import CallContext, Peer, _current
 from vrpc.exceptions import RpcError
 from vrpc.metrics import Metrics
-from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, Connection, Role
+from vrpc.proto.connection import DEFAULT_MAX_MESSAGE_SIZE, INITIAL_WINDOW, Connection, Role
 from vrpc.proto.endpoint import DEFAULT_MESSAGE_TIMEOUT, Endpoint
 from vrpc.proto.events import (
     AttestationRequested,
@@ -132,6 +132,8 @@ class _ServerConnection(EndpointProtocol):
         super().__init__(attester=server.attester)
         self.server = server
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        # What each call in flight counts in the server's max_in_flight_bytes (see _start).
+        self.call_bytes: dict[int, int] = {}
         self.inbound: dict[int, InboundStream] = {}
         self.credit_gates: dict[int, FlowGate] = {}
         self.peer = Peer("?")
@@ -380,6 +382,23 @@ class _ServerConnection(EndpointProtocol):
             self.conn.send_error(call_id, exc.status, exc.message, exc.details)
             server.metrics.record(ev.method, exc.status, 0.0)
             return
+        # The arguments stay in memory until the handler returns, and a request stream's window
+        # lets the client send that much more before the handler reads any of it: a peer
+        # calling slow handlers with large arguments would otherwise hold memory without bound.
+        weight = ev.size + INITIAL_WINDOW if method.streams_request else ev.size
+        held = server._in_flight_bytes
+        limit = server.max_in_flight_bytes
+        if held and limit is not None and held + weight > limit:
+            # (One call runs whatever its size: a single message is bounded by its own limit.)
+            self.conn.send_error(
+                call_id,
+                Status.RESOURCE_EXHAUSTED,
+                f"the server's calls in flight hold {held} bytes (limit {limit})",
+            )
+            server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
+            return
+        server._in_flight_bytes = held + weight
+        self.call_bytes[call_id] = weight
         if method.streams_request:
             from vrpc._validation import converter_for
 
@@ -418,6 +437,7 @@ class _ServerConnection(EndpointProtocol):
             return  # _run ran and cleaned up
         server = self.server
         server._in_flight -= 1
+        server._in_flight_bytes -= self.call_bytes.pop(call_id, 0)
         if not server._in_flight and server._draining:
             server._idle.set()
         self.inbound.pop(call_id, None)
@@ -471,6 +491,7 @@ class _ServerConnection(EndpointProtocol):
             pending = self.conn.send_response(call_id, result, ctx.trailers or None)
         finally:
             server._in_flight -= 1
+            server._in_flight_bytes -= self.call_bytes.pop(call_id, 0)
             if not server._in_flight and server._draining:
                 server._idle.set()
             self.tasks.pop(call_id, None)
@@ -587,6 +608,7 @@ class Server:
         max_handshakes: int = 128,
         max_attestations: int = 4,
         max_buffered: int | None = 256 * 1024 * 1024,
+        max_in_flight_bytes: int | None = 128 * 1024 * 1024,
         message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 300.0,
@@ -625,9 +647,12 @@ class Server:
             raise ValueError("max_handshakes and max_attestations must be at least 1")
         if max_buffered is not None and max_buffered <= 0:
             raise ValueError("max_buffered must be positive (or None for no budget)")
+        if max_in_flight_bytes is not None and max_in_flight_bytes <= 0:
+            raise ValueError("max_in_flight_bytes must be positive (or None for no limit)")
         self.max_handshakes = max_handshakes
         self.max_attestations = max_attestations
         self.max_buffered = max_buffered
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.message_timeout = message_timeout
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -663,6 +688,7 @@ class Server:
             collections.deque()
         )
         self._held = 0  # bytes all connections hold (see max_buffered)
+        self._in_flight_bytes = 0  # what the calls in flight weigh (see max_in_flight_bytes)
         self._accepting = True
         self._draining = False
         self._closed = asyncio.Event()
@@ -685,6 +711,12 @@ class Server:
     @property
     def calls_in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """What the calls in flight weigh in ``max_in_flight_bytes``: the encoded size of each
+        one's request, plus the stream window of each call that streams its request."""
+        return self._in_flight_bytes
 
     @property
     def buffered_bytes(self) -> int:

@@ -49,8 +49,13 @@ def pair(**server_options: Any) -> tuple[Connection, Connection]:
 def test_unary_call_round_trip() -> None:
     client, server = pair()
     cid = client.start_call("s.m", [1, b"x"], now=0, metadata={"k": "v"})
-    (req,) = pipe(client, server)
-    assert req == RequestReceived(cid, "s.m", [1, b"x"], {"k": "v"}, None, False)
+    wire = client.data_to_send()
+    assert wire is not None
+    (req,) = server.receive_data(wire, 0)
+    # size: the encoded REQUEST message, what the server weighs a call's arguments by.
+    assert req == RequestReceived(
+        cid, "s.m", [1, b"x"], {"k": "v"}, None, False, False, len(wire) - 4
+    )
     server.send_headers(cid, {"h": 1})
     server.send_response(cid, {"ok": True}, {"t": 2})
     assert pipe(server, client) == [
@@ -546,7 +551,7 @@ def test_per_call_events_stay_out_of_the_cycle_collector() -> None:
     (response,) = pipe(server, client)
     assert isinstance(request, RequestReceived) and isinstance(response, ResponseReceived)
     assert not gc.is_tracked(request) and not gc.is_tracked(response)
-    assert request == RequestReceived(1, "s.m", [b"x"], None, None, False)
+    assert request == RequestReceived(1, "s.m", [b"x"], None, None, False, False, request.size)
 
 
 def test_calls_coming_and_going_never_make_the_timer_earlier() -> None:

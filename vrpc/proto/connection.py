@@ -520,7 +520,7 @@ class Connection:
     def _handle(self, msg: list[Any], size: int, now: float, events: list[Event]) -> None:
         kind = msg[0]
         if kind == REQUEST:
-            self._on_request(msg, now, events)
+            self._on_request(msg, size, now, events)
         elif kind in (RESPONSE, ERROR):
             self._on_result(msg, events)
         elif kind == ITEM:
@@ -590,7 +590,7 @@ class Connection:
         else:  # pragma: no cover - receive_data admits only the types of _MSG_LENGTHS
             raise AssertionError(f"message type {kind} has no handler")
 
-    def _on_request(self, msg: list[Any], now: float, events: list[Event]) -> None:
+    def _on_request(self, msg: list[Any], size: int, now: float, events: list[Event]) -> None:
         if self._client:
             raise _bad("a server does not send REQUEST")
         _, call_id, method, args, flags, timeout_ms, metadata = msg
@@ -637,6 +637,7 @@ class Connection:
                 timeout,
                 stream_request,
                 bool(flags & _FLAG_STREAM_RESPONSE),
+                size,
             )
         )
 

@@ -43,7 +43,8 @@ class Event(msgspec.Struct):
 
 
 class RequestReceived(Event, gc=False):
-    """Server side: a new call. ``timeout`` is the caller's remaining time in seconds."""
+    """Server side: a new call. ``timeout`` is the caller's remaining time in seconds; ``size``
+    is the encoded size of the REQUEST message (what its arguments weigh on the wire)."""
 
     call_id: int
     method: str
@@ -52,6 +53,7 @@ class RequestReceived(Event, gc=False):
     timeout: float | None
     stream_request: bool
     stream_response: bool = False
+    size: int = 0
 
 
 class ResponseReceived(Event, gc=False):
