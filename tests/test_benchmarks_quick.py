@@ -487,3 +487,29 @@ def test_repetitions_alternate_their_order(monkeypatch: pytest.MonkeyPatch) -> N
     assert warmup == ["A", "B", "C"]
     assert reps == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
     assert all(len(p.runs[harness.case_key(case)]) == 3 for p in pairs)
+
+
+def test_the_handshake_latency_is_the_connect_not_the_close() -> None:
+    # A stand-in system whose connect is instant and whose close takes 50 ms: the latency of the
+    # handshake case must not include the close, while calls/s counts whole cycles.
+    import asyncio
+    import types
+
+    from benchmarks.worker import AsyncClient
+
+    class Fresh:
+        async def close(self) -> None:
+            await asyncio.sleep(0.05)
+
+    async def open_client(address: str) -> Fresh:
+        return Fresh()
+
+    async def run() -> dict[str, Any]:
+        client = AsyncClient("raw-echo", "unix:///nowhere")
+        client.module = types.SimpleNamespace(open_client=open_client)
+        case = {"case": "handshake", "payload_bytes": 0, "concurrency": 1}
+        return await client.run(case, 0.3)
+
+    row = asyncio.run(run())
+    assert row["calls"] >= 2 and row["calls_per_s"] <= 1 / 0.05
+    assert row["p50_us"] is not None and row["p50_us"] < 25_000
