@@ -797,3 +797,45 @@ async def test_metrics_from_reflection(serve: Serve, uri: str) -> None:
         assert sum(count for _, count in sink["latency_ms_buckets"]) == 3
         assert metrics["methods"]["calls.v1.flaky_once"]["statuses"] == {"UNAVAILABLE": 1}
         assert metrics["methods"]["calls.v1.nope"]["statuses"] == {"UNIMPLEMENTED": 1}
+
+
+async def test_pool_moves_a_stream_no_server_started(
+    server_at: Callable[..., Any],
+    new_uri: Callable[[], str],
+    attester: vrpc.InsecureTestAttester,
+) -> None:
+    impls = [CallsImpl(str(i)) for i in range(2)]
+    async with (
+        servers(server_at, new_uri, impls) as running,
+        pool_for([u for u, _ in running], attester) as pool,
+    ):
+        stub = pool.stub(Calls)
+        assert [i async for i in stub.count(3)] == [0, 1, 2]
+        await running[0][1].close(grace=0)
+        for _ in range(3):  # the first would go to the closed endpoint, the next to the live one
+            assert [i async for i in stub.count(3)] == [0, 1, 2]
+        assert pool.endpoints[0].healthy is False
+
+
+async def test_pool_does_not_move_a_stream_whose_request_it_began_to_send(
+    server_at: Callable[..., Any],
+    new_uri: Callable[[], str],
+    attester: vrpc.InsecureTestAttester,
+) -> None:
+    impls = [CallsImpl(str(i)) for i in range(2)]
+
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+
+    async with (
+        servers(server_at, new_uri, impls) as running,
+        pool_for([u for u, _ in running], attester) as pool,
+    ):
+        await running[0][1].close(grace=0)
+        # The request iterator cannot be replayed: the caller hears of the failure instead.
+        with pytest.raises(vrpc.RpcError) as info:
+            await pool.stub(Calls).total(numbers())
+        assert info.value.status is vrpc.Status.UNAVAILABLE
+        assert pool.endpoints[0].healthy is False
+        assert await pool.stub(Calls).total(numbers()) == 3  # the next one goes to the live one

@@ -10,7 +10,8 @@ An endpoint that fails to connect, refuses at its connection limit or answers UN
 marked unhealthy until a background health check (``vrpc.health.check``) succeeds again.
 Idempotent calls that fail with UNAVAILABLE move to another endpoint (``vrpc._retry``), so a
 draining or restarting enclave does not fail them; a non-idempotent call fails with UNAVAILABLE
-only if it was in flight on the server that went away.
+only if it was in flight on the server that went away. A stream moves to another endpoint when no
+server started it (nothing was delivered, and its request is not a stream of its own).
 """
 
 from __future__ import annotations
@@ -189,21 +190,38 @@ class Pool:
         metadata: dict[str, Any] | None = None,
         convert: Callable[[Any], Any] = lambda x: x,
     ) -> AsyncIterator[Any]:
-        endpoint = self._pick(set())
-        endpoint.outstanding += 1
-        try:
-            async for item in endpoint.pick().stream(
-                method,
-                args,
-                request=request,
-                stream_response=stream_response,
-                timeout=timeout,
-                metadata=metadata,
-                convert=convert,
-            ):
-                yield item
-        finally:
-            endpoint.outstanding -= 1
+        tried: set[_Endpoint] = set()
+        for attempt in range(len(self.endpoints)):
+            endpoint = self._pick(tried)
+            tried.add(endpoint)
+            endpoint.outstanding += 1
+            delivered = False
+            try:
+                async for item in endpoint.pick().stream(
+                    method,
+                    args,
+                    request=request,
+                    stream_response=stream_response,
+                    timeout=timeout,
+                    metadata=metadata,
+                    convert=convert,
+                ):
+                    delivered = True
+                    yield item
+                return
+            except RpcError as exc:
+                if exc.status is Status.UNAVAILABLE:
+                    endpoint.healthy = False
+                    log.info("endpoint unavailable", address=endpoint.uri, reason=exc.message)
+                # A stream moves only when no server started it and nothing of it was used: no
+                # item reached the caller, and no request items were taken from an iterator that
+                # cannot be replayed.
+                movable = not delivered and request is None and is_unprocessed(exc.details)
+                if not movable or attempt == len(self.endpoints) - 1:
+                    raise
+                log.info("stream moved to another endpoint", method=method, reason=exc.message)
+            finally:
+                endpoint.outstanding -= 1
 
     def stub(self, interface: type[T]) -> T:
         """An object typed as ``interface`` whose methods call through the pool."""
