@@ -513,3 +513,23 @@ def test_the_handshake_latency_is_the_connect_not_the_close() -> None:
     row = asyncio.run(run())
     assert row["calls"] >= 2 and row["calls_per_s"] <= 1 / 0.05
     assert row["p50_us"] is not None and row["p50_us"] < 25_000
+
+
+def test_the_handshake_timeline_lines_up_both_processes() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.handshake_timeline", "--rounds", "30"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = [(line[:48].strip(), float(line[48:].split()[1])) for line in out.splitlines()[1:]]
+    starts = dict(rows)
+    ready = starts["client: connect() returned (session ready)"]
+    closed = starts["client: close() returned"]
+    assert 0 < ready < closed
+    # The server's steps are on the same clock: it reads the ClientHello after the client
+    # connected and before the session is ready.
+    server_reads = [start for name, start in rows if name == "server data_received"]
+    assert server_reads and 0 < min(server_reads) < ready
