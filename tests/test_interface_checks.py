@@ -73,6 +73,10 @@ async def test_keyword_only_parameters_end_to_end(serve: Serve) -> None:
                 pass
         assert info.value.status is Status.INVALID_ARGUMENT
         assert info.value.details == {"kind": "unary"}
+        # Refused calls count in the method's statuses, whatever refused them.
+        metrics = await client.call("vrpc.reflection.metrics", [])
+        assert metrics["methods"]["scaler.v1.scale"]["statuses"]["INVALID_ARGUMENT"] == 1
+        assert metrics["methods"]["scaler.v1.need"]["statuses"]["INVALID_ARGUMENT"] == 1
         listed = await client.call("vrpc.reflection.list_services", [])
         signatures = {m["name"]: m["signature"] for m in listed["scaler.v1"]}
         assert signatures["scaler.v1.scale"] == "scale(x: int, *, factor: int = 2) -> int"

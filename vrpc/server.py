@@ -354,33 +354,25 @@ class _ServerConnection(EndpointProtocol):
         call_id = ev.call_id
         method = server._methods.get(ev.method)
         if method is None:
-            self.conn.send_error(call_id, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
-            server.metrics.record(ev.method, Status.UNIMPLEMENTED, 0.0)
+            self._refuse(ev, Status.UNIMPLEMENTED, f"unknown method {ev.method!r}")
             return
         if server._in_flight >= server.max_concurrent_calls:
-            self.conn.send_error(
-                call_id,
-                Status.RESOURCE_EXHAUSTED,
-                f"the server has {server.max_concurrent_calls} calls in flight",
-            )
-            server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
+            message = f"the server has {server.max_concurrent_calls} calls in flight"
+            self._refuse(ev, Status.RESOURCE_EXHAUSTED, message)
             return
         if (
             ev.stream_request != method.streams_request
             or ev.stream_response != method.streams_response
         ):
-            self.conn.send_error(
-                call_id,
-                Status.INVALID_ARGUMENT,
-                f"{ev.method} is a {method.spec.kind.value} method",
-                {"kind": method.spec.kind.value},
+            kind = method.spec.kind.value
+            self._refuse(
+                ev, Status.INVALID_ARGUMENT, f"{ev.method} is a {kind} method", {"kind": kind}
             )
             return
         try:
             args = method.bind(ev.args)
         except RpcError as exc:
-            self.conn.send_error(call_id, exc.status, exc.message, exc.details)
-            server.metrics.record(ev.method, exc.status, 0.0)
+            self._refuse(ev, exc.status, exc.message, exc.details)
             return
         # The arguments stay in memory until the handler returns, and a request stream's window
         # lets the client send that much more before the handler reads any of it: a peer
@@ -390,12 +382,8 @@ class _ServerConnection(EndpointProtocol):
         limit = server.max_in_flight_bytes
         if held and limit is not None and held + weight > limit:
             # (One call runs whatever its size: a single message is bounded by its own limit.)
-            self.conn.send_error(
-                call_id,
-                Status.RESOURCE_EXHAUSTED,
-                f"the server's calls in flight hold {held} bytes (limit {limit})",
-            )
-            server.metrics.record(ev.method, Status.RESOURCE_EXHAUSTED, 0.0)
+            message = f"the server's calls in flight hold {held} bytes (limit {limit})"
+            self._refuse(ev, Status.RESOURCE_EXHAUSTED, message)
             return
         server._in_flight_bytes = held + weight
         self.call_bytes[call_id] = weight
@@ -417,6 +405,13 @@ class _ServerConnection(EndpointProtocol):
         else:
             task = self.loop.create_task(coro, name=ev.method)
         self.tasks[call_id] = task
+
+    def _refuse(
+        self, ev: RequestReceived, status: Status, message: str, details: Any = None
+    ) -> None:
+        """Answer a call that will not run, and count it in the method's statuses."""
+        self.conn.send_error(ev.call_id, status, message, details)
+        self.server.metrics.record(ev.method, status, 0.0)
 
     def cancel_task(self, call_id: int, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never enters _run, so _run's cleanup never
