@@ -480,3 +480,22 @@ async def test_a_call_cancelled_before_it_starts_gives_its_bytes_back(tmp_path: 
         (ev,) = await raw.events()
         assert isinstance(ev, ResponseReceived) and ev.result == 3 * MiB
         raw.close()
+
+
+async def test_a_request_of_tiny_containers_is_refused_and_freed(tmp_path: Path) -> None:
+    # 200,000 empty maps: ~200 KB on the wire, ~14 MiB once decoded. echo takes bytes: the call
+    # is refused, nothing of it stays, and the connection serves the next call.
+    uri = sock_uri(tmp_path)
+    async with serving(uri) as server, HonestProbe(uri) as honest:
+        raw = await RawSession.open(uri)
+        call_id = raw.call("echo.v1.echo", [[{}] * 200_000])
+        (ev,) = await raw.events()
+        assert isinstance(ev, ErrorReceived) and ev.call_id == call_id
+        assert ev.status is vrpc.Status.INVALID_ARGUMENT
+        assert ev.details == {"parameter": "data"}
+        assert server.in_flight_bytes == 0 and server.calls_in_flight <= 1  # the probe's own
+        call_id = raw.call("echo.v1.echo", [b"after"])
+        (ev,) = await raw.events()
+        assert isinstance(ev, ResponseReceived) and ev.result == b"after"
+        raw.close()
+        await honest.check("a request of tiny containers")
