@@ -41,10 +41,11 @@ _SERVER = """
 import asyncio, json, sys
 sys.path.insert(0, {tests!r})
 import vrpc
-from hostile_helpers import EchoImpl, SlowAttester
+from hostile_helpers import EchoImpl, HoldImpl, SlowAttester
 
 async def main():
-    server = vrpc.Server([EchoImpl()], attester=SlowAttester(0.05), **json.loads(sys.argv[2]))
+    services = [EchoImpl(), HoldImpl()]  # hold.v1.hold keeps its arguments until shutdown
+    server = vrpc.Server(services, attester=SlowAttester(0.05), **json.loads(sys.argv[2]))
     await server.start(sys.argv[1])
     print("ready", flush=True)
     await server.serve(handle_signals=False)
@@ -222,6 +223,25 @@ async def budget(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
     return f"{sum(shed)}/24 shed", time.perf_counter() - started
 
 
+async def slow_calls(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
+    """300 calls with 1 MiB arguments to a handler that waits (as on a KMS call or a lock)."""
+    raw = await RawSession.open(uri)
+    data = bytes(MiB)
+    begin()
+    started = time.perf_counter()
+    for _ in range(300):
+        raw.call("hold.v1.hold", [data])
+        await raw.writer.drain()
+    refused = 0
+    for _ in range(300):  # the refusals come back as they are decided; the held calls never do
+        try:
+            refused += len(await raw.events(timeout=2.0))
+        except TimeoutError:
+            break
+    took = time.perf_counter() - started
+    return f"{300 - refused} held, {refused} refused (RESOURCE_EXHAUSTED)", took
+
+
 async def idle_connections(uri: str, begin: Callable[[], None]) -> tuple[str, float]:
     """200 established sessions that send nothing: what one connection costs at rest."""
     begin()
@@ -265,6 +285,8 @@ ATTACKS: dict[str, tuple[Attack, dict[str, Any]]] = {
     "budget": (budget, {"max_buffered": 64 * MiB}),
     "hello-flood": (hello_flood, {}),
     "idle-connections": (idle_connections, {}),
+    "slow-calls": (slow_calls, {}),
+    "slow-calls-unbounded": (slow_calls, {"max_in_flight_bytes": None}),
 }
 
 

@@ -97,6 +97,37 @@ class SlowImpl(Slow):
             raise
 
 
+class Hold(vrpc.Service, name="hold.v1"):
+    @vrpc.rpc
+    async def hold(self, data: bytes) -> int:
+        raise NotImplementedError
+
+    @vrpc.rpc
+    async def take(self, items: AsyncIterator[bytes]) -> int:
+        raise NotImplementedError
+
+
+class HoldImpl(Hold):
+    """Handlers that keep their arguments until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = 0
+
+    async def hold(self, data: bytes) -> int:
+        self.entered += 1
+        await self.gate.wait()
+        return len(data)
+
+    async def take(self, items: AsyncIterator[bytes]) -> int:
+        self.entered += 1
+        await self.gate.wait()
+        total = 0
+        async for item in items:
+            total += len(item)
+        return total
+
+
 def sock_uri(tmp_path: Path, name: str = "s") -> str:
     return f"unix://{tmp_path / (name + '.sock')}"
 
@@ -380,6 +411,8 @@ __all__ = [
     "MARKER",
     "Echo",
     "EchoImpl",
+    "Hold",
+    "HoldImpl",
     "HonestProbe",
     "RawSession",
     "Slow",

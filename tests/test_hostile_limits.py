@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from hostile_helpers import (
+    Hold,
+    HoldImpl,
     HonestProbe,
     RawSession,
     SlowAttester,
@@ -348,37 +350,6 @@ async def test_limit_parameters_are_checked_and_reach_the_endpoints(tmp_path: Pa
 
 
 # -- what calls in flight hold -------------------------------------------------------------------
-
-
-class Hold(vrpc.Service, name="hold.v1"):
-    @vrpc.rpc
-    async def hold(self, data: bytes) -> int:
-        raise NotImplementedError
-
-    @vrpc.rpc
-    async def take(self, items: AsyncIterator[bytes]) -> int:
-        raise NotImplementedError
-
-
-class HoldImpl(Hold):
-    """Handlers that keep their arguments until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.entered = 0
-
-    async def hold(self, data: bytes) -> int:
-        self.entered += 1
-        await self.gate.wait()
-        return len(data)
-
-    async def take(self, items: AsyncIterator[bytes]) -> int:
-        self.entered += 1
-        await self.gate.wait()
-        total = 0
-        async for item in items:
-            total += len(item)
-        return total
 
 
 async def test_large_calls_to_slow_handlers_are_refused_past_the_in_flight_bytes(
