@@ -32,6 +32,7 @@ from hostile_helpers import (  # noqa: E402
     client_hello,
     empty_data_record,
     key_update_record,
+    read_until_closed,
     sock_path,
 )
 
@@ -95,17 +96,8 @@ class ServerProcess:
         self.proc.wait(5)
 
 
-async def _until_closed(reader: asyncio.StreamReader, timeout: float = 60.0) -> bytes:
-    got = bytearray()
-    try:
-        for _ in range(100_000):
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
-            if not chunk:
-                break
-            got += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    return bytes(got)
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    return await read_until_closed(reader, timeout=60.0, reads=100_000)
 
 
 # -- the attacks: each calls begin() when the attack proper starts, and returns a note and the

@@ -128,6 +128,23 @@ class HoldImpl(Hold):
         return total
 
 
+async def read_until_closed(
+    reader: asyncio.StreamReader, timeout: float = 5.0, reads: int = 10_000
+) -> bytes:
+    """Everything the server sends until it closes (a reset counts as closed); bounded in reads
+    and in the wait for each."""
+    got = bytearray()
+    try:
+        for _ in range(reads):
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                break
+            got += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return bytes(got)
+
+
 def sock_uri(tmp_path: Path, name: str = "s") -> str:
     return f"unix://{tmp_path / (name + '.sock')}"
 
@@ -424,6 +441,7 @@ __all__ = [
     "empty_data_record",
     "fd_count",
     "key_update_record",
+    "read_until_closed",
     "rss_bytes",
     "serving",
     "sock_path",

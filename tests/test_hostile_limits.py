@@ -25,6 +25,7 @@ from hostile_helpers import (
     client_hello,
     empty_data_record,
     key_update_record,
+    read_until_closed,
     rss_bytes,
     serving,
     sock_path,
@@ -49,19 +50,6 @@ async def _close_raw_sessions() -> AsyncIterator[None]:
     await RawSession.close_all()
 
 
-async def _read_until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
-    got = bytearray()
-    try:
-        for _ in range(10_000):
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
-            if not chunk:
-                break
-            got += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    return bytes(got)
-
-
 def _reasons(logs: list[dict[str, object]]) -> str:
     return " | ".join(f"{e.get('reason')}: {e.get('error')}" for e in logs)
 
@@ -77,7 +65,7 @@ async def test_hello_announcing_one_byte_records_is_refused(tmp_path: Path) -> N
             reader, writer = await asyncio.open_unix_connection(sock_path(uri))
             with capture_logs() as logs:
                 writer.write(client_hello(max_record=value))
-                assert await _read_until_closed(reader) == alert_frame(Alert.BAD_MESSAGE)
+                assert await read_until_closed(reader) == alert_frame(Alert.BAD_MESSAGE)
             assert "below the minimum of 512" in _reasons(logs)
             writer.close()
         assert await wait_until(lambda: server.connection_count == 1)
@@ -101,7 +89,7 @@ async def test_bytes_sent_while_attesting_close_the_connection_unbuffered(tmp_pa
                     await writer.drain()
             except (ConnectionResetError, BrokenPipeError):
                 pass
-            await _read_until_closed(reader)
+            await read_until_closed(reader)
         assert "before the handshake allowed it" in _reasons(logs)
         grown = rss_bytes() - before
         print(f"\n[bytes while attesting] server RSS growth {grown / MiB:.1f} MiB")
@@ -132,7 +120,7 @@ async def test_hello_flood_is_bounded_by_the_handshake_and_attestation_limits(
             reader, writer = await asyncio.open_unix_connection(sock_path(uri))
             writer.write(hello)
             try:
-                return await _read_until_closed(reader, timeout=10)
+                return await read_until_closed(reader, timeout=10)
             finally:
                 writer.close()
 
