@@ -10,23 +10,17 @@ import asyncio
 import struct
 from pathlib import Path
 
-from hostile_helpers import HonestProbe, serving, sock_path, sock_uri, wait_until
+from hostile_helpers import (
+    HonestProbe,
+    read_until_closed,
+    serving,
+    sock_path,
+    sock_uri,
+    wait_until,
+)
 from structlog.testing import capture_logs
 
 from vrpc.proto.handshake import Alert, MsgType, alert_frame
-
-
-async def _read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
-    got = bytearray()
-    try:
-        for _ in range(1000):
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
-            if not chunk:
-                break
-            got += chunk
-    except ConnectionResetError:
-        pass
-    return bytes(got)
 
 
 async def test_slowloris_closed_at_handshake_timeout(tmp_path: Path) -> None:
@@ -40,7 +34,7 @@ async def test_slowloris_closed_at_handshake_timeout(tmp_path: Path) -> None:
         with capture_logs() as logs:
             for reader, _ in conns:
                 # The server closes on its own (without the timeout this read waits 5 s and fails).
-                await _read_until_closed(reader, timeout=5)
+                await read_until_closed(reader, timeout=5)
         assert any(e.get("reason") == "handshake timed out" for e in logs), logs
         assert await wait_until(lambda: server.connection_count == 1)
         for _, writer in conns:
@@ -55,7 +49,7 @@ async def test_oversize_handshake_prefix_closes_without_buffering(tmp_path: Path
         with capture_logs() as logs:
             # A CLIENT_HELLO that claims 4 GiB: refused from the header alone.
             writer.write(struct.pack(">BI", MsgType.CLIENT_HELLO, 0xFFFFFFFF) + b"x" * 100)
-            await _read_until_closed(reader, timeout=5)
+            await read_until_closed(reader, timeout=5)
         assert any("exceeds" in str(e.get("reason", "")) for e in logs), logs
         writer.close()
         assert await wait_until(lambda: server.connection_count == 1)
@@ -69,7 +63,7 @@ async def test_garbage_instead_of_hello(tmp_path: Path) -> None:
         for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 64, tls_hello):
             reader, writer = await asyncio.open_unix_connection(sock_path(uri))
             writer.write(junk)
-            await _read_until_closed(reader, timeout=5)
+            await read_until_closed(reader, timeout=5)
             writer.close()
         assert await wait_until(lambda: server.connection_count == 1)
         await honest.check("garbage hello")
@@ -89,7 +83,7 @@ async def test_many_idle_connections_and_the_connection_limit(tmp_path: Path) ->
             extra = [await asyncio.open_unix_connection(sock_path(uri)) for _ in range(20)]
             for reader, _ in extra:
                 # Refused beyond the limit: an ALERT saying why, then closed at once.
-                refusal = await _read_until_closed(reader, timeout=5)
+                refusal = await read_until_closed(reader, timeout=5)
                 assert refusal == alert_frame(Alert.CONNECTION_LIMIT)
         refused = [e for e in logs if e.get("reason") == "connection limit"]
         assert len(refused) == 20
