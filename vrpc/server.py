@@ -430,16 +430,21 @@ class _ServerConnection(EndpointProtocol):
     def _forget(self, call_id: int) -> None:
         if self.tasks.pop(call_id, None) is None:
             return  # _run ran and cleaned up
-        server = self.server
-        server._in_flight -= 1
-        server._in_flight_bytes -= self.call_bytes.pop(call_id, 0)
-        if not server._in_flight and server._draining:
-            server._idle.set()
+        self._release(call_id)
         self.inbound.pop(call_id, None)
         self.credit_gates.pop(call_id, None)
         if self.conn.is_active(call_id):
             self.conn.send_error(call_id, *self._cancelled_status())
             self.schedule_flush()
+
+    def _release(self, call_id: int) -> None:
+        """A call admitted by ``_start`` is over: give back its place and its weight in the
+        server's limits, and let a drain waiting for the last call go on."""
+        server = self.server
+        server._in_flight -= 1
+        server._in_flight_bytes -= self.call_bytes.pop(call_id, 0)
+        if not server._in_flight and server._draining:
+            server._idle.set()
 
     def send_headers(self, call_id: int, metadata: dict[str, Any]) -> None:
         self.conn.send_headers(call_id, metadata)
@@ -485,10 +490,7 @@ class _ServerConnection(EndpointProtocol):
                 result = None
             pending = self.conn.send_response(call_id, result, ctx.trailers or None)
         finally:
-            server._in_flight -= 1
-            server._in_flight_bytes -= self.call_bytes.pop(call_id, 0)
-            if not server._in_flight and server._draining:
-                server._idle.set()
+            self._release(call_id)
             self.tasks.pop(call_id, None)
             if method.streams_request:
                 self.inbound.pop(call_id, None)
