@@ -114,7 +114,7 @@ _HANDSHAKE, _ATTESTING, _OPEN, _CLOSING, _CLOSED = (
 
 
 # Refusals that say nothing about the peer's trustworthiness: try later or elsewhere.
-BUSY_ALERTS = _BUSY = {
+BUSY_ALERTS = {
     Alert.CONNECTION_LIMIT: "server at connection limit",
     Alert.HANDSHAKE_LIMIT: "server busy with handshakes",
 }
@@ -368,8 +368,9 @@ class Endpoint:
 
     def _handshake_failed(self, exc: Exception) -> list[EndpointEvent]:
         self._drain_handshake()  # the ALERT the handshake queued, if any
-        if isinstance(exc, HandshakeAlert) and exc.alert in _BUSY:
-            return self._close(Status.UNAVAILABLE, _BUSY[exc.alert], error=exc, retryable=True)
+        if isinstance(exc, HandshakeAlert) and exc.alert in BUSY_ALERTS:
+            reason = BUSY_ALERTS[exc.alert]
+            return self._close(Status.UNAVAILABLE, reason, error=exc, retryable=True)
         return self._close(Status.UNAVAILABLE, str(exc), error=exc)
 
     def _established(self, done: HandshakeComplete, now: float) -> list[EndpointEvent]:
